@@ -1,0 +1,36 @@
+"""scratchgpt: a GPT language model built from scratch in PyTorch.
+
+    import scratchgpt
+    model, tokenizer = scratchgpt.load("runs/baby")
+    print(scratchgpt.generate_text(model, tokenizer, "ROMEO:", max_new_tokens=100, seed=1))
+"""
+
+__version__ = "0.1.0"
+
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from .config import Config, DataConfig, ModelConfig, TrainConfig, config_from_preset  # noqa: E402
+from .errors import ScratchGPTError  # noqa: E402
+from .model import GPT, Bigram, build_model  # noqa: E402
+from .sample import generate, generate_text  # noqa: E402
+from .tokenizer import CharTokenizer  # noqa: E402
+from .train import TrainResult, train  # noqa: E402
+
+
+def load(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a trained model for inference: `(model, tokenizer)`, the model in eval mode.
+
+    `path` is a run directory (its best/, else last/ checkpoint) or a checkpoint directory.
+    """
+    from .checkpoint import load_checkpoint
+
+    model, tokenizer, _, _ = load_checkpoint(path, device)
+    return model, tokenizer
+
+
+__all__ = [
+    "GPT", "Bigram", "CharTokenizer", "Config", "DataConfig", "ModelConfig", "ScratchGPTError", "TrainConfig",
+    "TrainResult", "build_model", "config_from_preset", "generate", "generate_text", "load", "train", "__version__",
+]

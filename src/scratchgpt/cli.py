@@ -1,0 +1,261 @@
+"""The `scratchgpt` command: train, sample, eval, presets.
+
+Every config field becomes a flag (`n_layer` -> `--n-layer`), so a preset is a starting point
+and anything in it can be changed from the command line. Errors the user can fix are printed
+as one line on stderr with a non-zero exit status, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from .config import SECTIONS, config_from_preset, load_preset, preset_names
+from .errors import ScratchGPTError
+
+# Flags whose names differ from the config field they set, and fields with no flag.
+FLAG_NAMES = {("train", "learning_rate"): "--lr", ("data", "path"): "--data"}
+NO_FLAG = {("model", "vocab_size")}
+
+TRAIN_EXAMPLES = """examples:
+  scratchgpt train --preset cpu-baby --out runs/baby
+  scratchgpt train --preset cpu-baby --data my_text.txt --max-steps 500 --out runs/mine
+  scratchgpt train --preset bigram --out runs/bigram
+  scratchgpt train --resume runs/baby --max-steps 4000      # continue a run, here for longer
+"""
+SAMPLE_EXAMPLES = """examples:
+  scratchgpt sample --checkpoint runs/baby --prompt "ROMEO:" --max-new-tokens 500
+  scratchgpt sample --checkpoint runs/baby --temperature 0.8 --top-k 40 --top-p 0.95 --seed 1
+  scratchgpt sample --checkpoint runs/baby/last --temperature 0     # greedy
+"""
+EVAL_EXAMPLES = """examples:
+  scratchgpt eval --checkpoint runs/baby
+  scratchgpt eval --checkpoint runs/baby --data my_text.txt --json
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says where to look for help."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _field_type(annotation: Any) -> type:
+    """The flag type of a config field (its annotation is a string under postponed evaluation)."""
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, annotation)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings (override the preset)")
+        for field in dataclasses.fields(cls):
+            if (section, field.name) in NO_FLAG:
+                continue
+            flag = FLAG_NAMES.get((section, field.name), "--" + field.name.replace("_", "-"))
+            dest = f"{section}.{field.name}"
+            kind = _field_type(field.type)
+            default_text = f"preset's; default {field.default!r}"
+            if kind is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=default_text)
+            else:
+                group.add_argument(flag, dest=dest, type=kind, default=None, metavar=field.name.upper(), help=default_text)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, name = dest.split(".", 1)
+            out[section][name] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="scratchgpt", description="A GPT built from scratch: train it on text, then sample from it.")
+    parser.add_argument("--version", action="version", version=f"scratchgpt {__import__('scratchgpt').__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="train a model", epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Train a model on Tiny Shakespeare (downloaded once) or on --data PATH.")
+    p.add_argument("--preset", help=f"starting config: one of {preset_names()} or a .json file (default cpu-baby)")
+    p.add_argument("--out", help="run directory for checkpoints and logs (default runs/PRESET)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last/ checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+
+    p = commands.add_parser("sample", help="generate text from a checkpoint", epilog=SAMPLE_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Continue a prompt with a trained model, streaming characters as they are generated.")
+    p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (always the most likely token)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose probability adds up to p")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+    p = commands.add_parser("eval", help="loss on the whole validation split", epilog=EVAL_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Mean cross-entropy over every position of the validation split, in consecutive "
+                                        "windows of block_size, with perplexity and bits per character.")
+    p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
+    p.add_argument("--data", help="text to evaluate on (default: the text the checkpoint was trained on)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    commands.add_parser("presets", help="list the presets", description="List the presets shipped with scratchgpt.")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    known = ("best", "last", "metrics.jsonl", "samples.txt", "loss.png")
+    existing = [name for name in known if (out / name).exists()] + sorted(p.name for p in out.glob("step-*"))
+    if not existing:
+        return
+    if not overwrite:
+        raise ScratchGPTError(
+            f"{out} already holds a run ({', '.join(existing[:3])}); continue it with --resume {out}, "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import read_config
+    from .config import Config
+    from .train import train
+
+    overrides = _overrides(args)
+    if args.resume:
+        if args.preset:
+            raise ScratchGPTError("--preset cannot be combined with --resume: the run keeps its own config (override single fields instead)")
+        run = Path(args.resume)
+        if not (run / "last" / "meta.json").is_file():
+            raise ScratchGPTError(f"cannot resume: {run / 'last'} does not exist (is {run} a run directory from `scratchgpt train --out`?)")
+        base = read_config(run / "last").to_dict()
+        for section, values in overrides.items():
+            base[section].update(values)
+        config = Config.from_dict(base)
+        out = run
+    else:
+        preset = args.preset or "cpu-baby"
+        config = config_from_preset(preset, overrides)
+        out = Path(args.out or f"runs/{Path(preset).stem}")
+        _prepare_out_dir(out, args.overwrite)
+    result = train(config, out, resume=bool(args.resume), progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        verb = "stopped" if result.interrupted else "done"
+        print(f"{verb}: {result.steps} steps in {result.elapsed_seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); "
+              + (f"full val loss {result.full_val_loss:.4f} ({result.full_val_bpc:.3f} bits/char); " if not math.isnan(result.full_val_loss) else "")
+              + f"checkpoints in {out}")
+        print(f"sample from it: scratchgpt sample --checkpoint {out}")
+    return 130 if result.interrupted else 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .sample import generate
+    from .train import resolve_device
+
+    if args.max_new_tokens < 0:
+        raise ScratchGPTError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise ScratchGPTError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ScratchGPTError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ScratchGPTError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.num_samples < 1:
+        raise ScratchGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not args.prompt:
+        raise ScratchGPTError("--prompt must not be empty (the default is a newline)")
+    device = resolve_device(args.device)
+    model, tokenizer, _, _ = load_checkpoint(args.checkpoint, device)
+    prompt_ids = tokenizer.encode(args.prompt)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
+    for i in range(args.num_samples):
+        if i:
+            sys.stdout.write("\n---\n")
+        sys.stdout.write(args.prompt)
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        for next_id in generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator):
+            sys.stdout.write(tokenizer.decode([int(next_id[0])]))
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import prepare_dataset
+    from .evaluate import evaluate_split
+    from .train import resolve_device
+
+    if args.batch_size < 1:
+        raise ScratchGPTError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    model, tokenizer, config, _ = load_checkpoint(args.checkpoint, device)
+    data_path = args.data or config.data.path or None
+    data = prepare_dataset(data_path, config.data.val_fraction, tokenizer=tokenizer)
+    result = evaluate_split(model, data.val_ids, data.val_chars, batch_size=args.batch_size, device=device)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"val loss {result.val_loss:.4f} | perplexity {result.val_perplexity:.3f} | "
+              f"{result.val_bpc:.4f} bits/char | {result.val_tokens:,} tokens of {data.source}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    for name in preset_names():
+        print(f"{name:18s} {load_preset(name).get('description', '')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "presets": cmd_presets}[args.command]
+    try:
+        return handler(args)
+    except ScratchGPTError as exc:
+        print(f"scratchgpt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"scratchgpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `scratchgpt sample | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        print(f"scratchgpt {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("SCRATCHGPT_DEBUG"):
+            raise
+        print(f"scratchgpt {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(set SCRATCHGPT_DEBUG=1 to see the traceback, and please report it)", file=sys.stderr)
+        return 1

@@ -1,0 +1,187 @@
+"""Typed configuration: what the model is, how it trains, and which text it reads.
+
+A run is described by one `Config` made of three dataclasses. Presets are JSON files in
+`scratchgpt/presets/`; the command line overrides any field (`--n-layer 6 --lr 3e-4`).
+Every dataclass validates itself in `__post_init__`, so an invalid value is refused with a
+one-line message before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MODEL_TYPES = ("gpt", "bigram")
+ATTENTION_IMPLS = ("sdpa", "manual")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the network. `vocab_size` is filled in from the tokenizer at training time."""
+
+    model_type: str = "gpt"
+    vocab_size: int = 0
+    block_size: int = 64  # context length in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_hidden: int = 0  # MLP width; 0 means the GPT-2 default of 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    tie_weights: bool = True  # share the token embedding with the LM head
+    attention: str = "sdpa"  # "sdpa" (fused kernel) or "manual" (the textbook formula)
+
+    def __post_init__(self) -> None:
+        _require(self.model_type in MODEL_TYPES, f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        _require(self.attention in ATTENTION_IMPLS, f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        _require(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
+        _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        _require(self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
+        _require(self.n_head >= 1, f"n_head must be >= 1, got {self.n_head}")
+        _require(self.n_embd >= 1, f"n_embd must be >= 1, got {self.n_embd}")
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+            f"try --n-embd {self.n_head * max(1, round(self.n_embd / self.n_head))}",
+        )
+        _require(self.mlp_hidden >= 0, f"mlp_hidden must be >= 0 (0 means 4 * n_embd), got {self.mlp_hidden}")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping: schedule, batch, evaluation, checkpoints, hardware."""
+
+    batch_size: int = 12
+    grad_accum_steps: int = 1
+    max_steps: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_decay_steps: int = 0  # the cosine reaches min_lr here; 0 means max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 20  # batches per split in the periodic loss estimate
+    sample_tokens: int = 200  # length of the sample printed at each evaluation; 0 disables
+    save_every: int = 0  # also keep a checkpoint every N steps; 0 disables
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # autocast dtype: auto picks bfloat16 where the hardware has it
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "lr_decay_steps", "sample_tokens", "save_every"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "min_lr"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
+        _require(self.min_lr <= self.learning_rate, f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        _require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+        _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def decay_steps(self) -> int:
+        return self.lr_decay_steps or self.max_steps
+
+
+@dataclass
+class DataConfig:
+    """Which text to train on and how to cut it into tokens."""
+
+    path: str = ""  # a UTF-8 text file; empty means Tiny Shakespeare (downloaded once, cached)
+    tokenizer: str = "char"
+    val_fraction: float = 0.1  # the last 10% of the characters validate
+
+    def __post_init__(self) -> None:
+        _require(self.tokenizer == "char", f"tokenizer must be 'char', got {self.tokenizer!r}")
+        _require(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class Config:
+    """Everything that defines a training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return cls(
+            model=_build(ModelConfig, d.get("model", {}), "model"),
+            train=_build(TrainConfig, d.get("train", {}), "train"),
+            data=_build(DataConfig, d.get("data", {}), "data"),
+        )
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _build(cls: type, values: dict[str, Any], section: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"unknown {section} setting(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    folder = resources.files("scratchgpt") / "presets"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The raw preset file: {"description": ..., "model": {...}, "train": {...}}."""
+    if name.endswith(".json") or "/" in name:  # a preset file of the user's own
+        path = Path(name)
+        _require(path.is_file(), f"preset file {name} not found")
+        text = path.read_text(encoding="utf-8")
+    else:
+        _require(name in preset_names(), f"unknown preset {name!r}; choose one of {preset_names()} or pass a .json file")
+        text = (resources.files("scratchgpt") / "presets" / f"{name}.json").read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"preset {name} is not valid JSON: {exc}") from None
+
+
+def config_from_preset(name: str, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Build a Config from a preset, then apply `{"model": {...}, "train": {...}}` overrides."""
+    raw = load_preset(name)
+    merged = {section: dict(raw.get(section, {})) for section in SECTIONS}
+    for section, values in (overrides or {}).items():
+        merged[section].update(values)
+    return Config.from_dict(merged)

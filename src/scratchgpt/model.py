@@ -1,0 +1,176 @@
+"""The models: a bigram baseline and a GPT-2-style decoder-only transformer, written by hand.
+
+Shapes use B = batch, T = time (tokens), C = n_embd channels, nh = heads, hs = head size,
+V = vocabulary. Both models map token ids (B, T) to next-token logits (B, T, V) and return
+`(logits, loss)`, the loss being the mean cross-entropy over every position when targets
+are given.
+
+Parameter names follow the GPT-2 layout (`transformer.h.0.attn.c_attn.weight`, ...), so the
+weights map one to one onto other GPT-2 implementations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+
+def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Causal attention written out: softmax(QK^T / sqrt(hs) + mask) @ V, for (B, nh, T, hs) inputs."""
+    T, head_size = q.size(-2), q.size(-1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_size)  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))  # a token may look at itself and the past only
+    weights = F.softmax(scores, dim=-1)
+    weights = F.dropout(weights, p=dropout_p, training=training)
+    return weights @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position attends to itself and earlier positions."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.use_sdpa = config.attention == "sdpa"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        # (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs): each head attends independently
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = manual_attention(q, k, v, dropout_p=dropout_p, training=self.training)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: widen, GELU, project back."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """One transformer block, pre-norm: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))  # tokens exchange information
+        x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
+        return x
+
+
+class GPT(nn.Module):
+    """Token + position embeddings, n_layer blocks, a final LayerNorm and the LM head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ConfigError("vocab_size must be set (from the tokenizer) before building a model")
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # The same matrix reads tokens in and writes logits out (Press & Wolf, 2017).
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: each residual branch's output projection is scaled down so that the sum of
+        # 2 * n_layer branches keeps the residual stream's variance near 1 at initialisation.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        positions = torch.arange(T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
+        return logits, lm_loss(logits, targets)
+
+
+class Bigram(nn.Module):
+    """The baseline: the next token's logits are read from a table row chosen by the current token."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ConfigError("vocab_size must be set (from the tokenizer) before building a model")
+        self.config = config
+        self.logits_table = nn.Embedding(config.vocab_size, config.vocab_size)  # (V, V)
+        # Small weights make every next token equally likely at first: loss = ln(V).
+        nn.init.normal_(self.logits_table.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.logits_table(idx)  # (B, T) -> (B, T, V)
+        return logits, lm_loss(logits, targets)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean next-token cross-entropy over every position, computed in float32."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model that `config.model_type` names."""
+    if config.model_type == "bigram":
+        return Bigram(config)
+    return GPT(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,422 @@
+"""Training as a function: `train(config, out_dir) -> TrainResult`.
+
+One step: fetch `grad_accum_steps` batches, run forward and backward under autocast, clip the
+global gradient norm, set the learning rate for this step, take an AdamW step. Every
+`eval_interval` steps: estimate train and val loss, print a sample, append to metrics.jsonl
+and samples.txt, save `last/` (and `best/` when the val loss improved). At the end: the full
+validation loss, a final save, and a loss-curve PNG when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from .config import Config, TrainConfig
+from .data import BatchSampler, Dataset, prepare_dataset
+from .errors import CheckpointError, ScratchGPTError, TokenizerError
+from .evaluate import bits_per_character, evaluate_split
+from .model import build_model, count_parameters
+from .sample import generate
+
+
+class TrainingDiverged(ScratchGPTError):
+    """The loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers: schedule, hardware choices, optimizer
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for 0-based `step`: linear warmup to learning_rate, cosine decay to min_lr.
+
+    Warmup reaches the full rate at step `warmup_steps - 1`; the cosine runs from
+    `warmup_steps` (full rate) to `decay_steps` (min_lr) and stays at min_lr after that.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if step >= cfg.decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / (cfg.decay_steps - cfg.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ScratchGPTError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ScratchGPTError("--device mps was asked for but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 instructions (AVX-512 BF16 or AMX), so autocast pays."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this run, or None for plain float32."""
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype == "float16":
+        if device.type == "cpu":
+            raise ScratchGPTError("--dtype float16 needs a GPU; on CPU use --dtype bfloat16 or float32")
+        return torch.float16
+    # auto
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_supports_bf16():
+        return torch.bfloat16
+    return None
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (Linear and Embedding weights) only, not on biases or norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda" or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation during training
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, data: Dataset, cfg: Config, device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
+    """Mean loss over `eval_iters` batches per split, drawn from the same windows at every evaluation."""
+    losses = {}
+    was_training = model.training
+    model.eval()
+    ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+    for split, ids in (("train", data.train_ids), ("val", data.val_ids)):
+        sampler = BatchSampler(ids, cfg.model.block_size, cfg.train.batch_size, seed=1234, device=device)
+        total = 0.0
+        for _ in range(cfg.train.eval_iters):
+            x, y = sampler.next_batch()
+            with ctx:
+                _, loss = model(x, y)
+            total += loss.item()
+        losses[split] = total / cfg.train.eval_iters
+    model.train(was_training)
+    return losses
+
+
+def sample_text(model: torch.nn.Module, data: Dataset, n_tokens: int, device: torch.device, seed: int = 0) -> str:
+    """A short sample at temperature 1, starting from a newline, to read how training is going."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    try:
+        start_ids = data.tokenizer.encode("\n")
+    except TokenizerError:  # a corpus without newlines: start from the first token instead
+        start_ids = [0]
+    idx = torch.tensor([start_ids], dtype=torch.long, device=device)
+    ids = [int(t[0]) for t in generate(model, idx, n_tokens, temperature=1.0, generator=generator)]
+    model.train(was_training)
+    return data.tokenizer.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interruption: finish the step, save, return
+
+
+@contextmanager
+def _stop_on_signals():
+    """A flag set by SIGINT/SIGTERM, so the loop can save before exiting. No-op off the main thread."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    steps: int
+    train_loss: float  # estimate at the last evaluation
+    val_loss: float  # estimate at the last evaluation
+    best_val_loss: float
+    full_val_loss: float  # whole validation split, as `scratchgpt eval` computes it
+    full_val_bpc: float
+    n_parameters: int
+    tokens_per_second: float
+    elapsed_seconds: float
+    interrupted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _capture_rng(sampler: BatchSampler) -> dict[str, Any]:
+    state: dict[str, Any] = {"rng_torch": torch.get_rng_state(), "rng_batches": sampler.state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"rng_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    state["rng_numpy"] = [np_state[0], np_state[1].tolist(), *np_state[2:]]
+    py_state = random.getstate()
+    state["rng_python"] = [py_state[0], list(py_state[1]), py_state[2]]
+    return state
+
+
+def _restore_rng(state: dict[str, Any], sampler: BatchSampler) -> None:
+    torch.set_rng_state(state["rng_torch"])
+    sampler.set_state(state["rng_batches"])
+    if torch.cuda.is_available():
+        cuda_states = [state[k] for k in sorted(k for k in state if k.startswith("rng_cuda_"))]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+    kind, keys, pos, has_gauss, cached = state["rng_numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _plot_metrics(metrics_path: Path, png_path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), alpha=0.35, label="train (per step)")
+    if evals:
+        steps, tr, va = zip(*evals, strict=True)
+        ax.plot(steps, tr, "o-", label="train (estimate)")
+        ax.plot(steps, va, "o-", label="val (estimate)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def train(
+    config: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train `config` and write the run to `out_dir`; with `resume`, continue from `out_dir/last`."""
+    out = Path(out_dir)
+    tcfg = config.train
+    say = log or (lambda msg: tqdm.write(msg))
+
+    # Resume: the tokenizer, weights and every random state come from last/.
+    start_step, best_val, tokens_seen, elapsed_before = 0, float("inf"), 0, 0.0
+    resumed = None
+    if resume:
+        last = out / "last"
+        if not (last / "meta.json").is_file():
+            raise CheckpointError(f"cannot resume: {last} does not exist; start a new run without --resume")
+        resumed_model, resumed_tokenizer, _, resumed_meta = load_checkpoint(last)
+        optimizer_state, train_state = load_training_state(last)
+        resumed = (resumed_model, resumed_tokenizer, optimizer_state, train_state)
+        start_step = int(train_state["step"])
+        best_val = float(train_state["best_val_loss"])
+        tokens_seen = int(train_state["tokens_seen"])
+        elapsed_before = float(train_state["elapsed_seconds"])
+
+    torch.manual_seed(tcfg.seed)
+    random.seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    device = resolve_device(tcfg.device)
+    amp = autocast_dtype(tcfg.dtype, device)
+
+    data = prepare_dataset(config.data.path or None, config.data.val_fraction, tokenizer=resumed[1] if resumed else None)
+    config.model.vocab_size = data.tokenizer.vocab_size
+    model = build_model(config.model).to(device)
+    if resumed:
+        model.load_state_dict(resumed[0].state_dict())
+    optimizer = configure_optimizer(model, tcfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    sampler = BatchSampler(data.train_ids, config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device)
+    if resumed:
+        optimizer.load_state_dict(resumed[2])
+        _restore_rng(resumed[3], sampler)
+        if "grad_scaler" in resumed[3] and scaler.is_enabled():
+            scaler.load_state_dict(resumed[3]["grad_scaler"])
+    step_model = torch.compile(model) if tcfg.compile else model
+    n_params = count_parameters(model)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    tokens_per_step = tcfg.batch_size * config.model.block_size * tcfg.grad_accum_steps
+    say(
+        f"scratchgpt: {config.model.model_type} with {n_params:,} parameters, vocab {data.tokenizer.vocab_size}, "
+        f"{len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, device {device.type}, "
+        f"autocast {str(amp).replace('torch.', '') if amp else 'off'}, {tokens_per_step:,} tokens/step"
+        + (f", resuming at step {start_step}" if resumed else "")
+    )
+
+    def train_state(step: int) -> dict[str, Any]:
+        state = _capture_rng(sampler)
+        state.update(step=step, best_val_loss=best_val, tokens_seen=tokens_seen, elapsed_seconds=elapsed_before + (time.perf_counter() - t0))
+        if scaler.is_enabled():
+            state["grad_scaler"] = scaler.state_dict()
+        return state
+
+    def save(name: str, step: int, meta: dict[str, Any], with_state: bool = True) -> None:
+        save_checkpoint(out / name, model, data.tokenizer, config, {"step": step, **meta},
+                        optimizer if with_state else None, train_state(step) if with_state else None)
+
+    def append_metrics(row: dict[str, Any]) -> None:
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    t0 = time.perf_counter()
+    last_losses = {"train": float("nan"), "val": float("nan")}
+    recent_loss, window_start, window_tokens, tokens_per_second = float("nan"), time.perf_counter(), 0, 0.0
+    step = start_step
+    interrupted = False
+    bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
+    model.train()
+    with _stop_on_signals() as stop:
+        while step < tcfg.max_steps:
+            lr = lr_at(step, tcfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(tcfg.grad_accum_steps):
+                x, y = sampler.next_batch()
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    _, loss = step_model(x, y)
+                # Each micro-batch's loss is a mean over its tokens; dividing by the number of
+                # micro-batches makes the summed gradients equal those of one big batch's mean.
+                loss = loss / tcfg.grad_accum_steps
+                scaler.scale(loss).backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                bar.close()
+                raise TrainingDiverged(
+                    f"the training loss became {loss_sum} at step {step}; lower --lr or raise --warmup-steps. "
+                    f"The last good checkpoint is {out / 'last'}" + ("" if (out / "last").exists() else " (none saved yet)")
+                )
+            if tcfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            recent_loss = loss_sum if math.isnan(recent_loss) else 0.9 * recent_loss + 0.1 * loss_sum
+
+            if step % 10 == 0 or step == tcfg.max_steps:
+                now = time.perf_counter()
+                tokens_per_second = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                append_metrics({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "tokens_per_second": tokens_per_second})
+                bar.set_postfix(loss=f"{recent_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            bar.update(1)
+
+            if stop["stop"]:
+                interrupted = True
+                break
+            if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
+                last_losses = estimate_loss(model, data, config, device, amp)
+                val = last_losses["val"]
+                improved = val < best_val
+                best_val = min(best_val, val)
+                bpc = bits_per_character(val, len(data.val_ids), data.val_chars)
+                say(f"step {step}: train loss {last_losses['train']:.4f}, val loss {val:.4f}, "
+                    f"val perplexity {math.exp(val):.2f}, val bpc {bpc:.3f}" + (" (best)" if improved else ""))
+                append_metrics({"kind": "eval", "step": step, "train_loss": last_losses["train"], "val_loss": val,
+                                "val_perplexity": math.exp(val), "val_bpc": bpc, "lr": lr,
+                                "elapsed_seconds": elapsed_before + time.perf_counter() - t0})
+                if tcfg.sample_tokens:
+                    text = sample_text(model, data, tcfg.sample_tokens, device)
+                    say(f"--- sample at step {step} ---\n{text}\n---")
+                    with open(out / "samples.txt", "a", encoding="utf-8") as f:
+                        f.write(f"=== step {step} ===\n{text}\n\n")
+                meta = {"train_loss": last_losses["train"], "val_loss": val}
+                if improved:
+                    save("best", step, meta, with_state=False)
+                if step < tcfg.max_steps:
+                    save("last", step, meta)
+            if tcfg.save_every and step % tcfg.save_every == 0:
+                save(f"step-{step:06d}", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"]})
+    bar.close()
+
+    if interrupted:
+        say(f"interrupted: saving {out / 'last'} at step {step}")
+        save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "interrupted": True})
+        full = None
+    else:
+        full = evaluate_split(model, data.val_ids, data.val_chars, batch_size=32, device=device)
+        say(f"full validation: loss {full.val_loss:.4f}, perplexity {full.val_perplexity:.2f}, "
+            f"bpc {full.val_bpc:.3f} over {full.val_tokens:,} tokens")
+        save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "full_val": full.to_dict()})
+        if _plot_metrics(metrics_path, out / "loss.png"):
+            say(f"loss curve: {out / 'loss.png'}")
+    elapsed = elapsed_before + time.perf_counter() - t0
+    return TrainResult(
+        out_dir=str(out),
+        steps=step,
+        train_loss=last_losses["train"],
+        val_loss=last_losses["val"],
+        best_val_loss=best_val,
+        full_val_loss=full.val_loss if full else float("nan"),
+        full_val_bpc=full.val_bpc if full else float("nan"),
+        n_parameters=n_params,
+        tokens_per_second=tokens_seen / max(elapsed, 1e-9),
+        elapsed_seconds=elapsed,
+        interrupted=interrupted,
+    )

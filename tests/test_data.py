@@ -1,0 +1,139 @@
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from scratchgpt.data import (
+    TINY_SHAKESPEARE_SHA256,
+    BatchSampler,
+    prepare_dataset,
+    split_text,
+    tiny_shakespeare_path,
+)
+from scratchgpt.errors import DataError
+
+
+def test_split_is_first_90_percent_by_characters():
+    train, val = split_text("abcdefghij" * 10, 0.1)
+    assert len(train) == 90 and len(val) == 10 and train + val == "abcdefghij" * 10
+
+
+def test_shakespeare_split_matches_the_reference_projects(shakespeare_path):
+    assert hashlib.sha256(shakespeare_path.read_bytes()).hexdigest() == TINY_SHAKESPEARE_SHA256
+    data = prepare_dataset(str(shakespeare_path))
+    # nanoGPT's shakespeare_char: n = 1,115,394; train = data[:int(n * 0.9)]
+    assert data.train_chars == int(1_115_394 * 0.9) == 1_003_854
+    assert len(data.train_ids) == 1_003_854 and len(data.val_ids) == 111_540
+    assert data.train_ids.dtype == np.uint8
+    text = shakespeare_path.read_text(encoding="utf-8")
+    assert data.tokenizer.decode(data.val_ids[:50].tolist()) == text[1_003_854:1_003_904]
+
+
+def test_token_cache_is_reused(small_corpus):
+    first = prepare_dataset(str(small_corpus))
+    second = prepare_dataset(str(small_corpus))
+    assert first.train_ids.filename == second.train_ids.filename
+    assert np.array_equal(first.train_ids, second.train_ids)
+
+
+def test_batches_are_shifted_windows_and_seeded(small_corpus):
+    data = prepare_dataset(str(small_corpus))
+    a = BatchSampler(data.train_ids, block_size=8, batch_size=4, seed=3)
+    b = BatchSampler(data.train_ids, block_size=8, batch_size=4, seed=3)
+    x, y = a.next_batch()
+    x2, y2 = b.next_batch()
+    assert x.shape == y.shape == (4, 8) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x moved one token ahead
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    ids = torch.from_numpy(data.train_ids.astype(np.int64))
+    for row_x, row_y in zip(x, y, strict=True):  # every window is a real slice of the split
+        starts = [i for i in range(len(ids) - 8) if torch.equal(ids[i : i + 8], row_x)]
+        assert any(torch.equal(ids[i + 1 : i + 9], row_y) for i in starts)
+
+
+def test_sampler_state_round_trip(small_corpus):
+    data = prepare_dataset(str(small_corpus))
+    a = BatchSampler(data.train_ids, block_size=8, batch_size=4, seed=3)
+    a.next_batch()
+    state = a.state()
+    expected = a.next_batch()
+    b = BatchSampler(data.train_ids, block_size=8, batch_size=4, seed=99)
+    b.set_state(state)
+    assert torch.equal(b.next_batch()[0], expected[0])
+
+
+def test_missing_file_and_bad_encoding(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_dataset(str(tmp_path / "nope.txt"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(DataError, match="offset 3"):
+        prepare_dataset(str(bad))
+
+
+def test_too_small_corpus(tmp_path):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hello", encoding="utf-8")
+    data = prepare_dataset(str(tiny))
+    with pytest.raises(DataError, match="shorter than one window"):
+        BatchSampler(data.val_ids, block_size=8, batch_size=2, seed=0)
+
+
+def test_offline_without_cache_says_pass_data(monkeypatch, tmp_path):
+    import urllib.request
+
+    monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path))
+
+    def refuse(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    with pytest.raises(DataError, match="--data"):
+        tiny_shakespeare_path()
+
+
+def test_cached_copy_is_used_when_hash_matches(monkeypatch, tmp_path, shakespeare_path):
+    monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path))
+    target = tmp_path / "tinyshakespeare" / "input.txt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(shakespeare_path.read_bytes())
+    assert tiny_shakespeare_path(download=False) == target
+    target.write_bytes(b"tampered")
+    with pytest.raises(DataError):
+        tiny_shakespeare_path(download=False)
+
+
+class _FakeResponse:
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def read(self):
+        return self.payload
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_download_is_verified_then_cached(monkeypatch, tmp_path, shakespeare_path):
+    import urllib.request
+
+    monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_urlopen(url, timeout):
+        calls.append(url)
+        return _FakeResponse(shakespeare_path.read_bytes())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    path = tiny_shakespeare_path()
+    assert path.read_bytes() == shakespeare_path.read_bytes()
+    assert tiny_shakespeare_path() == path and len(calls) == 1  # second call reads the cache
+
+    monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path / "other"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"not the file"))
+    with pytest.raises(DataError, match="SHA-256"):
+        tiny_shakespeare_path()

@@ -1,0 +1,160 @@
+import importlib
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from scratchgpt.checkpoint import load_checkpoint, load_training_state
+from scratchgpt.config import ModelConfig, TrainConfig
+from scratchgpt.errors import ConfigError
+from scratchgpt.model import GPT
+from scratchgpt.train import TrainingDiverged, autocast_dtype, configure_optimizer, lr_at, train
+
+train_module = importlib.import_module("scratchgpt.train")  # the package exports a function of the same name
+
+
+def test_lr_schedule_boundaries():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)  # 1/10 of the way up
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)  # warmup ends at the full rate
+    assert lr_at(10, cfg) == pytest.approx(1e-3)  # cosine starts at the full rate
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)  # halfway: the mean of max and min
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(500, cfg) == pytest.approx(1e-4)
+    rates = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))  # decays monotonically
+
+
+def test_lr_schedule_without_warmup_and_with_explicit_decay_steps():
+    cfg = TrainConfig(learning_rate=2e-3, min_lr=0.0, warmup_steps=0, max_steps=1000, lr_decay_steps=100)
+    assert lr_at(0, cfg) == pytest.approx(2e-3)
+    assert lr_at(50, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, cfg) == 0.0 and lr_at(999, cfg) == 0.0
+
+
+@pytest.mark.parametrize("kw", [dict(max_steps=-1), dict(batch_size=0), dict(min_lr=1.0, learning_rate=0.1),
+                                dict(device="tpu"), dict(dtype="int8"), dict(learning_rate=float("nan"))])
+def test_invalid_train_config_is_refused(kw):
+    with pytest.raises(ConfigError):
+        TrainConfig(**kw)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8, bias=True))
+    opt = configure_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_autocast_choice_and_fallback(monkeypatch):
+    cpu = torch.device("cpu")
+    assert autocast_dtype("float32", cpu) is None
+    assert autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: True)
+    assert autocast_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: False)
+    assert autocast_dtype("auto", cpu) is None
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    opt = configure_optimizer(model, TrainConfig(learning_rate=3e-3, weight_decay=0.0), torch.device("cpu"))
+    x = torch.randint(20, (4, 16))
+    y = torch.randint(20, (4, 16))
+    for _ in range(150):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1  # random targets memorised: from ln(20) = 3.0 to near zero
+
+
+def test_gradient_accumulation_matches_one_big_batch(small_corpus):
+    """Two micro-batches of 4 with the loss halved give the gradient of one batch of 8."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    x, y = torch.randint(20, (8, 8)), torch.randint(20, (8, 8))
+    model(x, y)[1].backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for part in (slice(0, 4), slice(4, 8)):
+        (model(x[part], y[part])[1] / 2).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(big, model.parameters(), strict=True))
+
+
+def test_short_training_run_lowers_val_loss_and_writes_the_run(tmp_path, small_corpus):
+    result = train(tiny_config(small_corpus, max_steps=60, eval_interval=20, sample_tokens=20), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(20)
+    assert result.full_val_loss < 1.5 and result.steps == 60
+    assert result.full_val_bpc == pytest.approx(result.full_val_loss / math.log(2))
+    for name in ("best", "last"):
+        assert (tmp_path / "run" / name / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "samples.txt").read_text().count("=== step") == 3
+    meta = json.loads((tmp_path / "run" / "last" / "meta.json").read_text())
+    assert meta["step"] == 60 and meta["full_val"]["val_loss"] == pytest.approx(result.full_val_loss)
+
+
+def test_ten_step_run_leaves_a_usable_checkpoint(tmp_path, small_corpus):
+    train(tiny_config(small_corpus, max_steps=10, eval_interval=1000, save_every=5), tmp_path / "run", progress=False)
+    model, tok, config, meta = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == 10 and config.model.vocab_size == tok.vocab_size
+    assert (tmp_path / "run" / "step-000005" / "optimizer.safetensors").is_file()
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, small_corpus):
+    cfg = tiny_config(small_corpus, max_steps=10)
+    cfg.model.tie_weights = False
+    cfg.model.bias = True
+    train(cfg, tmp_path / "run", progress=False)
+    model, tok, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    again, _, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    idx = torch.tensor([tok.encode("the cat sat")])
+    assert torch.equal(model(idx)[0], again(idx)[0])
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, small_corpus):
+    cfg = dict(max_steps=30, eval_interval=10, lr_decay_steps=30)  # the same schedule for both runs
+    train(tiny_config(small_corpus, **cfg), tmp_path / "full", progress=False)
+    # the same run, stopped after 10 steps, then resumed to 30
+    half = tiny_config(small_corpus, **cfg)
+    half.train.max_steps = 10
+    train(half, tmp_path / "split", progress=False)
+    train(tiny_config(small_corpus, **cfg), tmp_path / "split", resume=True, progress=False)
+    full, _, _, _ = load_checkpoint(tmp_path / "full" / "last")
+    split, _, _, _ = load_checkpoint(tmp_path / "split" / "last")
+    for (name, a), (_, b) in zip(full.state_dict().items(), split.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    opt_full, state_full = load_training_state(tmp_path / "full" / "last")
+    opt_split, state_split = load_training_state(tmp_path / "split" / "last")
+    assert torch.equal(state_full["rng_batches"], state_split["rng_batches"])
+    assert torch.equal(opt_full["state"][0]["exp_avg_sq"], opt_split["state"][0]["exp_avg_sq"])
+
+
+def test_resume_with_dropout_is_bit_identical(tmp_path, small_corpus):
+    def cfg(steps):
+        c = tiny_config(small_corpus, max_steps=steps, eval_interval=8, lr_decay_steps=24)
+        c.model.dropout = 0.2
+        return c
+
+    train(cfg(24), tmp_path / "full", progress=False)
+    train(cfg(8), tmp_path / "split", progress=False)
+    train(cfg(24), tmp_path / "split", resume=True, progress=False)
+    full, _, _, _ = load_checkpoint(tmp_path / "full" / "last")
+    split, _, _, _ = load_checkpoint(tmp_path / "split" / "last")
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), split.state_dict().values(), strict=True))
+
+
+def test_nan_loss_stops_training_without_touching_best(tmp_path, small_corpus):
+    with pytest.raises(TrainingDiverged, match="step"):
+        train(tiny_config(small_corpus, learning_rate=float("1e30"), min_lr=0.0, max_steps=40), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "best").exists() or (tmp_path / "run" / "best" / "meta.json").is_file()
