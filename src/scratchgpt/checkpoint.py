@@ -28,6 +28,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import __version__
 from .config import Config
+from .data import sha256_of
 from .errors import CheckpointError, ConfigError, TokenizerError
 from .model import build_model
 from .tokenizer import Tokenizer, load_tokenizer, save_tokenizer
@@ -52,8 +53,10 @@ def _fsync_tree(folder: Path) -> None:
 def _atomic_directory(target: Path):
     """Yield a temporary directory that replaces `target` only once everything in it is on disk."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(target)
+    for stale in (*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed mid-save
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
@@ -103,27 +106,60 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically. `model` must be the uncompiled module."""
+    """Write a checkpoint directory atomically. `model` must be the uncompiled module.
+
+    meta.json is written last and lists a SHA-256 of every other file, so a directory with a
+    meta.json is complete, and a file damaged later is detected when it is loaded.
+    """
     target = Path(directory)
-    with _atomic_directory(target) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        _write_json(tmp / "config.json", config.to_dict())
-        save_tokenizer(tokenizer, tmp / "tokenizer.json")
-        _write_json(tmp / "meta.json", {"format": FORMAT, "format_version": FORMAT_VERSION, "scratchgpt_version": __version__, **meta})
-        if optimizer is not None:
-            tensors, info = _optimizer_to_files(optimizer.state_dict())
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            _write_json(tmp / "optimizer.json", info)
-        if train_state is not None:
-            tensors = {k: v.contiguous() for k, v in train_state.items() if isinstance(v, torch.Tensor)}
-            save_file(tensors, str(tmp / "train_state.safetensors"))
-            _write_json(tmp / "train_state.json", {k: v for k, v in train_state.items() if not isinstance(v, torch.Tensor)})
+    try:
+        with _atomic_directory(target) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            _write_json(tmp / "config.json", config.to_dict())
+            save_tokenizer(tokenizer, tmp / "tokenizer.json")
+            if optimizer is not None:
+                tensors, info = _optimizer_to_files(optimizer.state_dict())
+                save_file(tensors, str(tmp / "optimizer.safetensors"))
+                _write_json(tmp / "optimizer.json", info)
+            if train_state is not None:
+                tensors = {k: v.contiguous() for k, v in train_state.items() if isinstance(v, torch.Tensor)}
+                save_file(tensors, str(tmp / "train_state.safetensors"))
+                _write_json(tmp / "train_state.json", {k: v for k, v in train_state.items() if not isinstance(v, torch.Tensor)})
+            checksums = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
+            header = {"format": FORMAT, "format_version": FORMAT_VERSION, "scratchgpt_version": __version__}
+            _write_json(tmp / "meta.json", {**header, **meta, "sha256": checksums})
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not save checkpoint {target}: {exc.strerror or exc}; the previous checkpoint there is intact"
+        ) from None
     return target
+
+
+def verify_files(directory: Path, meta: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Refuse a checkpoint whose files differ from the checksums recorded when it was saved."""
+    recorded = meta.get("sha256", {})
+    for name in names:
+        if name in recorded and sha256_of(directory / name) != recorded[name]:
+            raise CheckpointError(f"{directory / name} is corrupted (its SHA-256 differs from the one in meta.json)")
+
+
+def recover_interrupted_save(target: Path) -> None:
+    """If a crash hit between the two renames of a save, put the newest complete copy back in place."""
+    if target.exists():
+        return
+    candidates = sorted(target.parent.glob(f".{target.name}.tmp-*")) + sorted(target.parent.glob(f".{target.name}.old-*"))
+    for candidate in candidates:  # a temporary copy with meta.json is complete and newer than the old one
+        if (candidate / "meta.json").is_file():
+            os.replace(candidate, target)
+            return
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its `best/`, else its `last/`)."""
     p = Path(path).expanduser()
+    for name in ("best", "last"):
+        if p.is_dir():
+            recover_interrupted_save(p / name)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist; pass a run directory (from `scratchgpt train --out`) or a checkpoint directory")
     if not p.is_dir():
@@ -164,6 +200,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing")
     meta = read_meta(directory)
+    verify_files(directory, meta, ("model.safetensors", "config.json", "tokenizer.json"))
     config = read_config(directory)
     try:
         tokenizer = load_tokenizer(directory / "tokenizer.json")
@@ -190,6 +227,7 @@ def load_training_state(directory: Path) -> tuple[dict, dict[str, Any]]:
     for name in ("optimizer.safetensors", "optimizer.json", "train_state.safetensors", "train_state.json"):
         if not (directory / name).is_file():
             raise CheckpointError(f"cannot resume from {directory}: {name} is missing (it is a weights-only checkpoint)")
+    verify_files(directory, read_meta(directory), ("optimizer.safetensors", "optimizer.json", "train_state.safetensors", "train_state.json"))
     try:
         optimizer_state = _optimizer_from_files(
             load_file(str(directory / "optimizer.safetensors")),

@@ -142,6 +142,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import read_config
     from .config import Config
+    from .distributed import launched_as_main
     from .train import train
 
     overrides = _overrides(args)
@@ -162,6 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out or f"runs/{Path(preset).stem}")
         _prepare_out_dir(out, args.overwrite)
     result = train(config, out, resume=bool(args.resume), progress=not args.no_progress)
+    if not launched_as_main():  # under torchrun, rank 0 alone reports
+        return 130 if result.interrupted else 0
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

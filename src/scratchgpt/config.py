@@ -89,6 +89,7 @@ class TrainConfig:
     eval_iters: int = 20  # batches per split in the periodic loss estimate
     sample_tokens: int = 200  # length of the sample printed at each evaluation; 0 disables
     save_every: int = 0  # also keep a checkpoint every N steps; 0 disables
+    keep_checkpoints: int = 3  # how many of those periodic checkpoints to keep; 0 keeps all
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"  # autocast dtype: auto picks bfloat16 where the hardware has it
@@ -97,7 +98,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "lr_decay_steps", "sample_tokens", "save_every"):
+        for name in ("max_steps", "warmup_steps", "lr_decay_steps", "sample_tokens", "save_every", "keep_checkpoints"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "min_lr"):
             value = getattr(self, name)

@@ -165,9 +165,15 @@ def prepare_dataset(path: str | None, val_fraction: float = 0.1, tokenizer: Toke
 
 
 class BatchSampler:
-    """Random (x, y) windows of `block_size` tokens from one split, drawn with a seeded generator."""
+    """Random (x, y) windows of `block_size` tokens from one split, drawn with a seeded generator.
 
-    def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, seed: int, device: str | torch.device = "cpu"):
+    Under data parallelism every process draws the same global batch of
+    `batch_size * world_size` windows and keeps its own slice, so N processes see exactly the
+    windows that one process with an N times larger batch would see.
+    """
+
+    def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, seed: int, device: str | torch.device = "cpu",
+                 rank: int = 0, world_size: int = 1):
         if len(ids) < block_size + 1:
             raise DataError(
                 f"a split of {len(ids)} tokens is shorter than one window of block_size + 1 = {block_size + 1} tokens; "
@@ -179,9 +185,12 @@ class BatchSampler:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = np.arange(block_size + 1)
+        self._mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        self._global_batch = batch_size * world_size
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.ids) - self.block_size, (self.batch_size,), generator=self.generator).numpy()
+        starts = torch.randint(len(self.ids) - self.block_size, (self._global_batch,), generator=self.generator).numpy()
+        starts = starts[self._mine]
         windows = torch.from_numpy(self.ids[starts[:, None] + self._offsets].astype(np.int64))  # (B, T+1)
         if self.device.type == "cuda":
             windows = windows.pin_memory().to(self.device, non_blocking=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -23,11 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
-from .config import Config, TrainConfig
+from .checkpoint import (
+    load_checkpoint,
+    load_training_state,
+    recover_interrupted_save,
+    save_checkpoint,
+)
+from .config import Config, ModelConfig, TrainConfig
 from .data import BatchSampler, Dataset, prepare_dataset
+from .distributed import DistributedContext, all_sum, gather, setup, teardown
 from .errors import CheckpointError, ScratchGPTError, TokenizerError
 from .evaluate import bits_per_character, evaluate_split
 from .model import build_model, count_parameters
@@ -193,8 +201,12 @@ class TrainResult:
         return asdict(self)
 
 
-def _capture_rng(sampler: BatchSampler) -> dict[str, Any]:
-    state: dict[str, Any] = {"rng_torch": torch.get_rng_state(), "rng_batches": sampler.state()}
+def _capture_rng(sampler: BatchSampler, dist_ctx: DistributedContext) -> dict[str, Any]:
+    """Every random state the run depends on; under DDP each process's torch state is kept."""
+    torch_states = gather(torch.get_rng_state(), dist_ctx)
+    state: dict[str, Any] = {"rng_torch": torch_states[0], "rng_batches": sampler.state(), "world_size": dist_ctx.world_size}
+    for rank, rank_state in enumerate(torch_states[1:], start=1):
+        state[f"rng_torch_rank{rank}"] = rank_state
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             state[f"rng_cuda_{i}"] = s
@@ -205,8 +217,8 @@ def _capture_rng(sampler: BatchSampler) -> dict[str, Any]:
     return state
 
 
-def _restore_rng(state: dict[str, Any], sampler: BatchSampler) -> None:
-    torch.set_rng_state(state["rng_torch"])
+def _restore_rng(state: dict[str, Any], sampler: BatchSampler, dist_ctx: DistributedContext) -> None:
+    torch.set_rng_state(state.get(f"rng_torch_rank{dist_ctx.rank}", state["rng_torch"]) if dist_ctx.rank else state["rng_torch"])
     sampler.set_state(state["rng_batches"])
     if torch.cuda.is_available():
         cuda_states = [state[k] for k in sorted(k for k in state if k.startswith("rng_cuda_"))]
@@ -216,6 +228,31 @@ def _restore_rng(state: dict[str, Any], sampler: BatchSampler) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def _check_same_architecture(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:
+    """Resuming may change training settings and dropout, but not the shape of the network."""
+    free = {"dropout", "attention"}
+    differ = [f"{k} ({getattr(saved, k)!r} in the checkpoint, {getattr(wanted, k)!r} now)"
+              for k in asdict(saved) if k not in free and getattr(saved, k) != getattr(wanted, k)]
+    if differ:
+        raise CheckpointError(f"cannot resume from {where}: the model config does not match: {'; '.join(differ)}")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (a crash can leave some)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _prune_periodic(out: Path, keep: int) -> None:
+    if keep:
+        for old in sorted(out.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _plot_metrics(metrics_path: Path, png_path: Path) -> bool:
@@ -253,79 +290,108 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train `config` and write the run to `out_dir`; with `resume`, continue from `out_dir/last`."""
+    """Train `config` and write the run to `out_dir`; with `resume`, continue from `out_dir/last`.
+
+    Launched by torchrun, each process trains a replica with DistributedDataParallel; only the
+    main process (rank 0) prints, writes logs and saves checkpoints.
+    """
     out = Path(out_dir)
     tcfg = config.train
-    say = log or (lambda msg: tqdm.write(msg))
+    dist_ctx, device = setup(resolve_device(tcfg.device))
+    try:
+        return _train(config, out, tcfg, dist_ctx, device, resume, progress, log)
+    finally:
+        teardown(dist_ctx)
+
+
+def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedContext, device: torch.device,
+           resume: bool, progress: bool, log: Callable[[str], None] | None) -> TrainResult:
+    main = dist_ctx.is_main
+    say = (log or (lambda msg: tqdm.write(msg))) if main else (lambda msg: None)
 
     # Resume: the tokenizer, weights and every random state come from last/.
     start_step, best_val, tokens_seen, elapsed_before = 0, float("inf"), 0, 0.0
     resumed = None
     if resume:
         last = out / "last"
+        recover_interrupted_save(last)
         if not (last / "meta.json").is_file():
             raise CheckpointError(f"cannot resume: {last} does not exist; start a new run without --resume")
-        resumed_model, resumed_tokenizer, _, resumed_meta = load_checkpoint(last)
+        resumed_model, resumed_tokenizer, resumed_config, _ = load_checkpoint(last)
         optimizer_state, train_state = load_training_state(last)
         resumed = (resumed_model, resumed_tokenizer, optimizer_state, train_state)
         start_step = int(train_state["step"])
         best_val = float(train_state["best_val_loss"])
         tokens_seen = int(train_state["tokens_seen"])
         elapsed_before = float(train_state["elapsed_seconds"])
+        if int(train_state.get("world_size", 1)) != dist_ctx.world_size:
+            say(f"note: {last} was saved by {train_state.get('world_size', 1)} process(es), resuming with "
+                f"{dist_ctx.world_size}: the run continues, but not bit for bit")
 
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed + dist_ctx.rank)  # dropout masks differ between replicas
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
-    device = resolve_device(tcfg.device)
     amp = autocast_dtype(tcfg.dtype, device)
 
     data = prepare_dataset(config.data.path or None, config.data.val_fraction, tokenizer=resumed[1] if resumed else None)
     config.model.vocab_size = data.tokenizer.vocab_size
+    if resumed:
+        _check_same_architecture(resumed_config.model, config.model, out / "last")
     model = build_model(config.model).to(device)
     if resumed:
         model.load_state_dict(resumed[0].state_dict())
     optimizer = configure_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    sampler = BatchSampler(data.train_ids, config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device)
+    sampler = BatchSampler(data.train_ids, config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device,
+                           rank=dist_ctx.rank, world_size=dist_ctx.world_size)
     if resumed:
         optimizer.load_state_dict(resumed[2])
-        _restore_rng(resumed[3], sampler)
+        _restore_rng(resumed[3], sampler, dist_ctx)
         if "grad_scaler" in resumed[3] and scaler.is_enabled():
             scaler.load_state_dict(resumed[3]["grad_scaler"])
     step_model = torch.compile(model) if tcfg.compile else model
+    if dist_ctx.enabled:
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = count_parameters(model)
 
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    tokens_per_step = tcfg.batch_size * config.model.block_size * tcfg.grad_accum_steps
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            _truncate_metrics(metrics_path, start_step)
+    tokens_per_step = tcfg.batch_size * config.model.block_size * tcfg.grad_accum_steps * dist_ctx.world_size
     say(
         f"scratchgpt: {config.model.model_type} with {n_params:,} parameters, vocab {data.tokenizer.vocab_size}, "
-        f"{len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, device {device.type}, "
-        f"autocast {str(amp).replace('torch.', '') if amp else 'off'}, {tokens_per_step:,} tokens/step"
+        f"{len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, device {device.type}"
+        + (f" x {dist_ctx.world_size} processes" if dist_ctx.enabled else "")
+        + f", autocast {str(amp).replace('torch.', '') if amp else 'off'}, {tokens_per_step:,} tokens/step"
         + (f", resuming at step {start_step}" if resumed else "")
     )
 
     def train_state(step: int) -> dict[str, Any]:
-        state = _capture_rng(sampler)
+        state = _capture_rng(sampler, dist_ctx)
         state.update(step=step, best_val_loss=best_val, tokens_seen=tokens_seen, elapsed_seconds=elapsed_before + (time.perf_counter() - t0))
         if scaler.is_enabled():
             state["grad_scaler"] = scaler.state_dict()
         return state
 
     def save(name: str, step: int, meta: dict[str, Any], with_state: bool = True) -> None:
-        save_checkpoint(out / name, model, data.tokenizer, config, {"step": step, **meta},
-                        optimizer if with_state else None, train_state(step) if with_state else None)
+        state = train_state(step) if with_state else None  # a collective under DDP: every rank takes part
+        if main:
+            save_checkpoint(out / name, model, data.tokenizer, config, {"step": step, **meta},
+                            optimizer if with_state else None, state)
 
     def append_metrics(row: dict[str, Any]) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
 
     t0 = time.perf_counter()
     last_losses = {"train": float("nan"), "val": float("nan")}
     recent_loss, window_start, window_tokens, tokens_per_second = float("nan"), time.perf_counter(), 0, 0.0
     step = start_step
     interrupted = False
-    bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
+    bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     model.train()
     with _stop_on_signals() as stop:
         while step < tcfg.max_steps:
@@ -333,15 +399,22 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
-            for _ in range(tcfg.grad_accum_steps):
+            for micro_step in range(tcfg.grad_accum_steps):
                 x, y = sampler.next_batch()
-                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                    _, loss = step_model(x, y)
-                # Each micro-batch's loss is a mean over its tokens; dividing by the number of
-                # micro-batches makes the summed gradients equal those of one big batch's mean.
-                loss = loss / tcfg.grad_accum_steps
-                scaler.scale(loss).backward()
+                # Under DDP, gradients are averaged across processes only on the last micro-batch.
+                last_micro = micro_step == tcfg.grad_accum_steps - 1
+                sync = step_model.no_sync() if dist_ctx.enabled and not last_micro else nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                        _, loss = step_model(x, y)
+                    # Each micro-batch's loss is a mean over its tokens; dividing by the number of
+                    # micro-batches makes the summed gradients equal those of one big batch's mean.
+                    loss = loss / tcfg.grad_accum_steps
+                    scaler.scale(loss).backward()
                 loss_sum += loss.item()
+            # One small collective per step: the mean loss over processes, and whether any was told to stop.
+            total_loss, stop_votes = all_sum([loss_sum, float(stop["stop"])], dist_ctx, device)
+            loss_sum = total_loss / dist_ctx.world_size
             if not math.isfinite(loss_sum):
                 bar.close()
                 raise TrainingDiverged(
@@ -367,10 +440,11 @@ def train(
                 bar.set_postfix(loss=f"{recent_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
             bar.update(1)
 
-            if stop["stop"]:
+            if stop_votes > 0:
                 interrupted = True
                 break
             if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
+                # Every process evaluates the same fixed windows, so all agree on `improved`.
                 last_losses = estimate_loss(model, data, config, device, amp)
                 val = last_losses["val"]
                 improved = val < best_val
@@ -381,7 +455,7 @@ def train(
                 append_metrics({"kind": "eval", "step": step, "train_loss": last_losses["train"], "val_loss": val,
                                 "val_perplexity": math.exp(val), "val_bpc": bpc, "lr": lr,
                                 "elapsed_seconds": elapsed_before + time.perf_counter() - t0})
-                if tcfg.sample_tokens:
+                if tcfg.sample_tokens and main:
                     text = sample_text(model, data, tcfg.sample_tokens, device)
                     say(f"--- sample at step {step} ---\n{text}\n---")
                     with open(out / "samples.txt", "a", encoding="utf-8") as f:
@@ -393,6 +467,8 @@ def train(
                     save("last", step, meta)
             if tcfg.save_every and step % tcfg.save_every == 0:
                 save(f"step-{step:06d}", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"]})
+                if main:
+                    _prune_periodic(out, tcfg.keep_checkpoints)
     bar.close()
 
     if interrupted:
@@ -404,7 +480,7 @@ def train(
         say(f"full validation: loss {full.val_loss:.4f}, perplexity {full.val_perplexity:.2f}, "
             f"bpc {full.val_bpc:.3f} over {full.val_tokens:,} tokens")
         save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "full_val": full.to_dict()})
-        if _plot_metrics(metrics_path, out / "loss.png"):
+        if main and _plot_metrics(metrics_path, out / "loss.png"):
             say(f"loss curve: {out / 'loss.png'}")
     elapsed = elapsed_before + time.perf_counter() - t0
     return TrainResult(
