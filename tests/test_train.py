@@ -158,3 +158,60 @@ def test_nan_loss_stops_training_without_touching_best(tmp_path, small_corpus):
     with pytest.raises(TrainingDiverged, match="step"):
         train(tiny_config(small_corpus, learning_rate=float("1e30"), min_lr=0.0, max_steps=40), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "best").exists() or (tmp_path / "run" / "best" / "meta.json").is_file()
+
+
+def test_wsd_schedule_holds_then_decays_linearly():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=0.0, warmup_steps=10, max_steps=110, lr_schedule="wsd", decay_fraction=0.4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(70, cfg) == pytest.approx(1e-3)  # 60% of the post-warmup span: still stable
+    assert lr_at(90, cfg) == pytest.approx(0.5e-3)  # halfway through the decay
+    assert lr_at(110, cfg) == 0.0
+
+
+def test_schedule_follows_progress_when_given():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=5, max_steps=10)
+    assert lr_at(3, cfg, progress=0.9) == pytest.approx(4 * 1e-3 / 5)  # warmup is counted in steps
+    assert lr_at(500, cfg, progress=0.5) == pytest.approx(5.5e-4)
+    assert lr_at(500, cfg, progress=1.0) == pytest.approx(1e-4)
+    assert lr_at(500, cfg, progress=1.7) == pytest.approx(1e-4)
+
+
+class FakeClock:
+    """A stand-in for time.perf_counter that advances a fixed amount per reading: a
+    time-budgeted run then behaves the same on a busy or an idle machine."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 1000.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def __getattr__(self, name):
+        import time
+
+        return getattr(time, name)
+
+
+def test_time_budget_ends_the_run_annealed_and_within_budget(tmp_path, small_corpus, monkeypatch):
+    """No step limit: the clock ends the run, and the schedule has reached its end by then."""
+    clock = FakeClock(tick=0.05)
+    monkeypatch.setattr(train_module, "time", clock)
+    cfg = tiny_config(small_corpus, max_steps=0, time_budget=20.0, eval_interval=100000, lr_schedule="wsd",
+                      min_lr=0.0, warmup_steps=2)
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.steps >= 20 and not math.isnan(result.full_val_loss)
+    assert result.elapsed_seconds <= 20.0  # start-up, training and the final evaluation fit the budget
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["lr"] for r in rows if r["kind"] == "train"]
+    assert rows[-1]["kind"] == "eval" and rows[-1]["step"] == result.steps
+    assert rates[-1] < 0.1 * cfg.train.learning_rate  # annealed towards min_lr = 0 at the end
+    assert rates[0] == pytest.approx(cfg.train.learning_rate)  # stable phase at the full rate
+
+
+def test_time_budget_too_short_is_refused(tmp_path, small_corpus):
+    from scratchgpt.errors import ScratchGPTError
+
+    with pytest.raises(ScratchGPTError, match="too short"):
+        train(tiny_config(small_corpus, max_steps=0, time_budget=0.01), tmp_path / "run", progress=False)

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,21 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _process_start() -> float:
+    """The `time.perf_counter()` value at which this process started (Linux), else now.
+
+    A --time-budget then covers Python's and torch's import time too, as a stopwatch would.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time since boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.perf_counter() - max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import read_config
     from .config import Config
@@ -162,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config_from_preset(preset, overrides)
         out = Path(args.out or f"runs/{Path(preset).stem}")
         _prepare_out_dir(out, args.overwrite)
-    result = train(config, out, resume=bool(args.resume), progress=not args.no_progress)
+    result = train(config, out, resume=bool(args.resume), progress=not args.no_progress, started_at=_process_start())
     if not launched_as_main():  # under torchrun, rank 0 alone reports
         return 130 if result.interrupted else 0
     if args.json:

@@ -22,6 +22,7 @@ MODEL_TYPES = ("gpt", "bigram")
 ATTENTION_IMPLS = ("sdpa", "manual")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULES = ("cosine", "wsd")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -80,7 +81,10 @@ class TrainConfig:
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    lr_decay_steps: int = 0  # the cosine reaches min_lr here; 0 means max_steps
+    lr_decay_steps: int = 0  # the decay reaches min_lr here; 0 means max_steps
+    lr_schedule: str = "cosine"  # "cosine", or "wsd": warmup, stable, then linear decay over decay_fraction
+    decay_fraction: float = 0.4  # wsd only: the share of the run spent decaying
+    time_budget: float = 0.0  # seconds of wall clock for the whole run; the schedule follows time. 0: off
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -107,12 +111,21 @@ class TrainConfig:
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         _require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+        _require(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        _require(0.0 < self.decay_fraction <= 1.0, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        _require(self.time_budget >= 0, f"time_budget must be >= 0 seconds (0 turns it off), got {self.time_budget}")
+        _require(self.max_steps > 0 or self.time_budget > 0, "max_steps must be > 0 unless a --time-budget ends the run")
         _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     @property
     def decay_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
+
+    @property
+    def step_limit(self) -> float:
+        """The step count that ends the run: max_steps, or none when only a time budget ends it."""
+        return self.max_steps or math.inf
 
 
 @dataclass

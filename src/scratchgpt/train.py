@@ -50,18 +50,26 @@ class TrainingDiverged(ScratchGPTError):
 # Pure helpers: schedule, hardware choices, optimizer
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for 0-based `step`: linear warmup to learning_rate, cosine decay to min_lr.
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Learning rate for 0-based `step`: linear warmup to learning_rate, then decay to min_lr.
 
-    Warmup reaches the full rate at step `warmup_steps - 1`; the cosine runs from
-    `warmup_steps` (full rate) to `decay_steps` (min_lr) and stays at min_lr after that.
+    Warmup reaches the full rate at step `warmup_steps - 1`. After it, `progress` in [0, 1] says
+    how far the decay has come: by default (step - warmup) / (decay_steps - warmup); a
+    time-budgeted run passes the fraction of its time spent instead. "cosine" follows half a
+    cosine from learning_rate to min_lr; "wsd" (warmup-stable-decay) holds learning_rate, then
+    falls linearly to min_lr over the last `decay_fraction` of the run.
     """
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    if step >= cfg.decay_steps:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / (cfg.decay_steps - cfg.warmup_steps)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    if progress is None:
+        span = cfg.decay_steps - cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / span if span > 0 else 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.lr_schedule == "wsd":
+        stable = 1.0 - cfg.decay_fraction
+        coeff = 1.0 if progress <= stable else (1.0 - progress) / cfg.decay_fraction  # 1 -> 0
+    else:
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -139,6 +147,27 @@ def estimate_loss(model: torch.nn.Module, data: Dataset, cfg: Config, device: to
         losses[split] = total / cfg.train.eval_iters
     model.train(was_training)
     return losses
+
+
+@torch.no_grad()
+def _final_eval_seconds(model: torch.nn.Module, data: Dataset, cfg: Config, device: torch.device, amp: torch.dtype | None) -> float:
+    """Measured cost of what a run does after its last step: the loss estimate, the full
+    validation pass and the saves, with a margin."""
+    block = cfg.model.block_size
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(32, block, dtype=torch.long, device=device)
+    model(x)  # warm-up
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model(x)
+        timings.append(time.perf_counter() - start)
+    per_batch = min(timings)
+    model.train(was_training)
+    full_batches = math.ceil((len(data.val_ids) - 1) / block / 32)
+    estimate_batches = 2 * cfg.train.eval_iters * cfg.train.batch_size / 32
+    return 1.3 * per_batch * (full_batches + estimate_batches) + 2.0  # + saving and plotting
 
 
 def sample_text(model: torch.nn.Module, data: Dataset, n_tokens: int, device: torch.device, seed: int = 0) -> str:
@@ -289,23 +318,27 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    started_at: float | None = None,
 ) -> TrainResult:
     """Train `config` and write the run to `out_dir`; with `resume`, continue from `out_dir/last`.
 
     Launched by torchrun, each process trains a replica with DistributedDataParallel; only the
-    main process (rank 0) prints, writes logs and saves checkpoints.
+    main process (rank 0) prints, writes logs and saves checkpoints. `started_at` (a
+    `time.perf_counter()` value, default now) is when the run's wall clock starts, so that a
+    time budget can include the program's start-up.
     """
+    t0 = time.perf_counter() if started_at is None else started_at
     out = Path(out_dir)
     tcfg = config.train
     dist_ctx, device = setup(resolve_device(tcfg.device))
     try:
-        return _train(config, out, tcfg, dist_ctx, device, resume, progress, log)
+        return _train(config, out, tcfg, dist_ctx, device, resume, progress, log, t0)
     finally:
         teardown(dist_ctx)
 
 
 def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedContext, device: torch.device,
-           resume: bool, progress: bool, log: Callable[[str], None] | None) -> TrainResult:
+           resume: bool, progress: bool, log: Callable[[str], None] | None, t0: float) -> TrainResult:
     main = dist_ctx.is_main
     say = (log or (lambda msg: tqdm.write(msg))) if main else (lambda msg: None)
 
@@ -370,7 +403,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
 
     def train_state(step: int) -> dict[str, Any]:
         state = _capture_rng(sampler, dist_ctx)
-        state.update(step=step, best_val_loss=best_val, tokens_seen=tokens_seen, elapsed_seconds=elapsed_before + (time.perf_counter() - t0))
+        state.update(step=step, best_val_loss=best_val, tokens_seen=tokens_seen, elapsed_seconds=elapsed())
         if scaler.is_enabled():
             state["grad_scaler"] = scaler.state_dict()
         return state
@@ -386,16 +419,32 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
-    t0 = time.perf_counter()
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    # A time budget covers start-up, training and the final evaluation: training gets what is
+    # left once the final evaluation's measured cost is set aside, and the schedule follows time.
+    training_seconds = tcfg.time_budget - _final_eval_seconds(model, data, config, device, amp) if tcfg.time_budget else 0.0
+    if tcfg.time_budget and training_seconds - elapsed() <= 0:
+        raise ScratchGPTError(
+            f"--time-budget {tcfg.time_budget:g} s is too short: start-up took {elapsed():.1f} s and the final evaluation "
+            f"needs about {tcfg.time_budget - training_seconds:.1f} s; give it more time"
+        )
+    if tcfg.time_budget:
+        say(f"time budget {tcfg.time_budget:.0f} s: {training_seconds - elapsed():.1f} s left for training after start-up "
+            f"and {tcfg.time_budget - training_seconds:.1f} s set aside for the final evaluation")
     last_losses = {"train": float("nan"), "val": float("nan")}
     recent_loss, window_start, window_tokens, tokens_per_second = float("nan"), time.perf_counter(), 0, 0.0
     step = start_step
     interrupted = False
-    bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    step_seconds = 0.0  # recent duration of one step, so a budgeted run stops before overrunning
+    bar = tqdm(total=tcfg.max_steps or None, initial=start_step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     model.train()
     with _stop_on_signals() as stop:
-        while step < tcfg.max_steps:
-            lr = lr_at(step, tcfg)
+        finished = step >= tcfg.step_limit
+        while not finished:
+            step_start = time.perf_counter()
+            lr = lr_at(step, tcfg, elapsed() / training_seconds if tcfg.time_budget else None)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
@@ -431,8 +480,14 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             recent_loss = loss_sum if math.isnan(recent_loss) else 0.9 * recent_loss + 0.1 * loss_sum
+            if step > start_step + 1:  # the first step of a process is a warm-up, slower than the rest
+                duration = time.perf_counter() - step_start
+                step_seconds = duration if not step_seconds else 0.9 * step_seconds + 0.1 * duration
+            finished = step >= tcfg.step_limit or bool(tcfg.time_budget and elapsed() + step_seconds >= training_seconds)
+            if tcfg.time_budget and dist_ctx.enabled:  # every process must stop at the same step
+                finished = all_sum([float(finished)], dist_ctx, device)[0] > 0
 
-            if step % 10 == 0 or step == tcfg.max_steps:
+            if step % 10 == 0 or finished:
                 now = time.perf_counter()
                 tokens_per_second = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
@@ -443,7 +498,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
             if stop_votes > 0:
                 interrupted = True
                 break
-            if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
+            if step % tcfg.eval_interval == 0 or finished:
                 # Every process evaluates the same fixed windows, so all agree on `improved`.
                 last_losses = estimate_loss(model, data, config, device, amp)
                 val = last_losses["val"]
@@ -454,7 +509,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
                     f"val perplexity {math.exp(val):.2f}, val bpc {bpc:.3f}" + (" (best)" if improved else ""))
                 append_metrics({"kind": "eval", "step": step, "train_loss": last_losses["train"], "val_loss": val,
                                 "val_perplexity": math.exp(val), "val_bpc": bpc, "lr": lr,
-                                "elapsed_seconds": elapsed_before + time.perf_counter() - t0})
+                                "elapsed_seconds": elapsed()})
                 if tcfg.sample_tokens and main:
                     text = sample_text(model, data, tcfg.sample_tokens, device)
                     say(f"--- sample at step {step} ---\n{text}\n---")
@@ -463,7 +518,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
                 meta = {"train_loss": last_losses["train"], "val_loss": val}
                 if improved:
                     save("best", step, meta, with_state=False)
-                if step < tcfg.max_steps:
+                if not finished:
                     save("last", step, meta)
             if tcfg.save_every and step % tcfg.save_every == 0:
                 save(f"step-{step:06d}", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"]})
@@ -482,7 +537,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
         save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "full_val": full.to_dict()})
         if main and _plot_metrics(metrics_path, out / "loss.png"):
             say(f"loss curve: {out / 'loss.png'}")
-    elapsed = elapsed_before + time.perf_counter() - t0
+    total_seconds = elapsed()
     return TrainResult(
         out_dir=str(out),
         steps=step,
@@ -492,7 +547,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
         full_val_loss=full.val_loss if full else float("nan"),
         full_val_bpc=full.val_bpc if full else float("nan"),
         n_parameters=n_params,
-        tokens_per_second=tokens_seen / max(elapsed, 1e-9),
-        elapsed_seconds=elapsed,
+        tokens_per_second=tokens_seen / max(total_seconds, 1e-9),
+        elapsed_seconds=total_seconds,
         interrupted=interrupted,
     )
