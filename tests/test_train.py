@@ -10,7 +10,8 @@ from scratchgpt.checkpoint import load_checkpoint, load_training_state
 from scratchgpt.config import ModelConfig, TrainConfig
 from scratchgpt.errors import ConfigError
 from scratchgpt.model import GPT
-from scratchgpt.train import TrainingDiverged, autocast_dtype, configure_optimizer, lr_at, train
+from scratchgpt.optim import configure_optimizer
+from scratchgpt.train import TrainingDiverged, autocast_dtype, lr_at, train
 
 train_module = importlib.import_module("scratchgpt.train")  # the package exports a function of the same name
 

@@ -76,6 +76,13 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if "parts" in state_dict:  # several optimizers (Muon + AdamW): one prefix each
+        tensors, infos = {}, []
+        for i, part in enumerate(state_dict["parts"]):
+            part_tensors, info = _optimizer_to_files(part)
+            tensors.update({f"part{i}.{k}": v for k, v in part_tensors.items()})
+            infos.append(info)
+        return tensors, {"parts": infos}
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for param_id, param_state in state_dict["state"].items():
@@ -88,6 +95,13 @@ def _optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict
 
 
 def _optimizer_from_files(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict:
+    if "parts" in info:
+        parts = []
+        for i, part_info in enumerate(info["parts"]):
+            prefix = f"part{i}."
+            part_tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            parts.append(_optimizer_from_files(part_tensors, part_info))
+        return {"parts": parts}
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         param_id, key = name.split(".", 1)

@@ -118,8 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    _add_bench_parser(commands)
+
     commands.add_parser("presets", help="list the presets", description="List the presets shipped with scratchgpt.")
     return parser
+
+
+BENCH_TRAIN_EXAMPLES = """examples:
+  scratchgpt bench train --preset cpu-baby --json
+  scratchgpt bench train --preset cpu-baby --compile --steps 60     # measure a setting against fp32 eager
+"""
+
+
+def _add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="measure speed", description="Measure training or sampling speed.")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser, metavar="WHAT")
+    p = kinds.add_parser("train", help="tokens/s of complete training steps, against fp32 eager in the same run",
+                         epilog=BENCH_TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Median tokens/s of complete training steps (batch, forward, backward, clipping, "
+                                     "optimizer) after warm-up, for the preset as configured and for the plain float32 "
+                                     "eager path of the same model, timed in alternating blocks.")
+    p.add_argument("--preset", default="cpu-baby", help=f"one of {preset_names()} or a .json file (default cpu-baby)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per path (default 40)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per path first (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_config_flags(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +272,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_train
+
+    if args.steps < 1 or args.warmup < 0:
+        raise ScratchGPTError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    config = config_from_preset(args.preset, _overrides(args))
+    result = bench_train(config, steps=args.steps, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        st = result["settings"]
+        print(f"{args.preset}: {result['tokens_per_second']:,.0f} tokens/s ({result['ms_per_step']:.1f} ms/step, "
+              f"autocast {st['autocast']}, compile {st['compile']}) vs fp32 eager {result['baseline_tokens_per_second']:,.0f} "
+              f"tokens/s: {result['speedup']:.2f}x")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         print(f"{name:18s} {load_preset(name).get('description', '')}")
@@ -257,7 +297,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "presets": cmd_presets}[args.command]
+    handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "presets": cmd_presets}[args.command]
     try:
         return handler(args)
     except ScratchGPTError as exc:

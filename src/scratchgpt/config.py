@@ -20,6 +20,10 @@ from .errors import ConfigError
 
 MODEL_TYPES = ("gpt", "bigram")
 ATTENTION_IMPLS = ("sdpa", "manual")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+ACTIVATIONS = ("gelu", "relu2", "swiglu")
+OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("cosine", "wsd")
@@ -45,6 +49,13 @@ class ModelConfig:
     bias: bool = False  # biases in Linear and LayerNorm layers
     tie_weights: bool = True  # share the token embedding with the LM head
     attention: str = "sdpa"  # "sdpa" (fused kernel) or "manual" (the textbook formula)
+    # Options beyond GPT-2, used by the speedrun preset; the defaults keep the classic model.
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    position: str = "learned"  # "learned" position embeddings, or "rope" (rotary, in attention)
+    rope_base: float = 10000.0
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
+    activation: str = "gelu"  # MLP nonlinearity: "gelu", "relu2" (squared ReLU) or "swiglu"
+    zero_init_proj: bool = False  # start every residual branch's output projection at zero
 
     def __post_init__(self) -> None:
         _require(self.model_type in MODEL_TYPES, f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
@@ -61,6 +72,12 @@ class ModelConfig:
         )
         _require(self.mlp_hidden >= 0, f"mlp_hidden must be >= 0 (0 means 4 * n_embd), got {self.mlp_hidden}")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        _require(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")
+        _require(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        _require(self.position != "rope" or self.head_size % 2 == 0,
+                 f"rope needs an even head size, but n_embd / n_head = {self.n_embd / self.n_head:g}")
+        _require(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
 
     @property
     def head_size(self) -> int:
@@ -98,6 +115,9 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # autocast dtype: auto picks bfloat16 where the hardware has it
     compile: bool = False  # torch.compile the model
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's learning rate at the top of the schedule (follows the same schedule)
+    muon_momentum: float = 0.95
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters"):
@@ -115,6 +135,8 @@ class TrainConfig:
         _require(0.0 < self.decay_fraction <= 1.0, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         _require(self.time_budget >= 0, f"time_budget must be >= 0 seconds (0 turns it off), got {self.time_budget}")
         _require(self.max_steps > 0 or self.time_budget > 0, "max_steps must be > 0 unless a --time-budget ends the run")
+        _require(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(self.muon_lr > 0 and 0 <= self.muon_momentum < 1, f"muon_lr must be > 0 and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}")
         _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 

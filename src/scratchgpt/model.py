@@ -32,6 +32,37 @@ def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     return weights @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
 
 
+def make_norm(config: ModelConfig, size: int | None = None) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (scale only, no centring)."""
+    size = size or config.n_embd
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=1e-6)
+    return nn.LayerNorm(size, bias=config.bias)
+
+
+def rope_tables(head_size: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (length, head_size / 2) for rotary position embeddings (Su et al., 2021).
+
+    Channel pair i of the token at position m turns by the angle m * base^(-2i / head_size):
+    fast for the first pairs, slow for the last.
+    """
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[..., i], x[..., i + hs/2]) of (B, nh, T, hs) by its position's angle.
+
+    A rotation keeps every pair's length, and q_m . k_n then depends on m - n only: attention
+    sees relative positions.
+    """
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), broadcast over batch and heads
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which each position attends to itself and earlier positions."""
 
@@ -41,6 +72,12 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.use_sdpa = config.attention == "sdpa"
+        self.qk_norm = config.qk_norm
+        self.use_rope = config.position == "rope"
+        if self.use_rope:
+            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # derived from the config, not saved
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -52,6 +89,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.qk_norm:  # unit-RMS queries and keys keep attention logits in a tame range
+            q = F.rms_norm(q, (q.size(-1),))
+            k = F.rms_norm(k, (k.size(-1),))
+        if self.use_rope:
+            q = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T])
+            k = apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
         dropout_p = self.dropout if self.training else 0.0
         if self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -62,17 +105,28 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: widen, GELU, project back."""
+    """Position-wise feed-forward network: widen, nonlinearity, project back."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.activation = config.activation
+        # SwiGLU computes a gate and a value, so its first layer is twice as wide.
+        width_out = 2 * config.mlp_width if config.activation == "swiglu" else config.mlp_width
+        self.c_fc = nn.Linear(config.n_embd, width_out, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        h = self.c_fc(x)  # (B, T, C) -> (B, T, 4C), or (B, T, 8C) for SwiGLU
+        if self.activation == "relu2":
+            h = F.relu(h).square()
+        elif self.activation == "swiglu":
+            gate, value = h.chunk(2, dim=-1)  # (B, T, 8C) -> 2 x (B, T, 4C)
+            h = F.silu(gate) * value
+        else:
+            h = self.gelu(h)
+        return self.dropout(self.c_proj(h))  # (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):
@@ -80,9 +134,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,15 +153,15 @@ class GPT(nn.Module):
         if config.vocab_size < 1:
             raise ConfigError("vocab_size must be set (from the tokenizer) before building a model")
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == "learned":  # with RoPE, positions enter inside attention instead
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config),
         )
+        self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # The same matrix reads tokens in and writes logits out (Press & Wolf, 2017).
@@ -117,7 +171,10 @@ class GPT(nn.Module):
         # 2 * n_layer branches keeps the residual stream's variance near 1 at initialisation.
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:  # each block starts as the identity; training grows it
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -130,8 +187,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        positions = torch.arange(T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T) -> (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C) + (T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)

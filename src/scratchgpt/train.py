@@ -39,6 +39,7 @@ from .distributed import DistributedContext, all_sum, gather, setup, teardown
 from .errors import CheckpointError, ScratchGPTError, TokenizerError
 from .evaluate import bits_per_character, evaluate_split
 from .model import build_model, count_parameters
+from .optim import configure_optimizer, set_learning_rate
 from .sample import generate
 
 
@@ -114,15 +115,38 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (Linear and Embedding weights) only, not on biases or norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda" or None)
+# ---------------------------------------------------------------------------------------------
+# One training step, in two halves so that the loop can check the loss between them
+
+
+def accumulate_gradients(step_model: torch.nn.Module, sampler: BatchSampler, scaler: torch.amp.GradScaler,
+                         accum_steps: int, amp: torch.dtype | None, device: torch.device, ddp: bool = False) -> float:
+    """Forward and backward over `accum_steps` micro-batches; returns the step's mean loss."""
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum_steps):
+        x, y = sampler.next_batch()
+        # Under DDP, gradients are averaged across processes only on the last micro-batch.
+        sync = step_model.no_sync() if ddp and micro_step < accum_steps - 1 else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                _, loss = step_model(x, y)
+            # Each micro-batch's loss is a mean over its tokens; dividing by the number of
+            # micro-batches makes the summed gradients equal those of one big batch's mean.
+            loss = loss / accum_steps
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    return loss_sum.item()  # one device sync per step, not one per micro-batch
+
+
+def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    grad_clip: float) -> None:
+    """Clip the global gradient norm, take the optimizer step, clear the gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,22 +469,9 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
         while not finished:
             step_start = time.perf_counter()
             lr = lr_at(step, tcfg, elapsed() / training_seconds if tcfg.time_budget else None)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro_step in range(tcfg.grad_accum_steps):
-                x, y = sampler.next_batch()
-                # Under DDP, gradients are averaged across processes only on the last micro-batch.
-                last_micro = micro_step == tcfg.grad_accum_steps - 1
-                sync = step_model.no_sync() if dist_ctx.enabled and not last_micro else nullcontext()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                        _, loss = step_model(x, y)
-                    # Each micro-batch's loss is a mean over its tokens; dividing by the number of
-                    # micro-batches makes the summed gradients equal those of one big batch's mean.
-                    loss = loss / tcfg.grad_accum_steps
-                    scaler.scale(loss).backward()
-                loss_sum += loss.item()
+            set_learning_rate(optimizer, lr)
+            loss_sum = accumulate_gradients(step_model, sampler, scaler, tcfg.grad_accum_steps, amp, device,
+                                            ddp=dist_ctx.enabled)
             # One small collective per step: the mean loss over processes, and whether any was told to stop.
             total_loss, stop_votes = all_sum([loss_sum, float(stop["stop"])], dist_ctx, device)
             loss_sum = total_loss / dist_ctx.world_size
@@ -470,12 +481,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
                     f"the training loss became {loss_sum} at step {step}; lower --lr or raise --warmup-steps. "
                     f"The last good checkpoint is {out / 'last'}" + ("" if (out / "last").exists() else " (none saved yet)")
                 )
-            if tcfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(model, optimizer, scaler, tcfg.grad_clip)
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step

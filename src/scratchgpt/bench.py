@@ -1,0 +1,105 @@
+"""Training speed, measured the way it matters: complete steps, against a baseline in the same run.
+
+A step is everything `train` does per optimizer step: batch fetch, forward and backward under
+the run's autocast, gradient clipping, the AdamW step. `bench_train` times the config's own
+path and the plain float32 eager path of the same model in alternating blocks of steps, so
+that both see the same machine load, and reports medians. Machines here are noisy; a ratio
+from one run is worth more than two absolute figures from two runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config
+from .data import BatchSampler, prepare_dataset
+from .model import build_model
+from .optim import configure_optimizer
+from .train import (
+    accumulate_gradients,
+    apply_gradients,
+    autocast_dtype,
+    resolve_device,
+)
+
+
+@dataclass
+class _Runner:
+    """One model with its optimizer and batches, stepped the way `train` steps it."""
+
+    name: str
+    config: Config
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        torch.manual_seed(self.config.train.seed)
+        tcfg = self.config.train
+        self.data = prepare_dataset(self.config.data.path or None, self.config.data.val_fraction)
+        self.config.model.vocab_size = self.data.tokenizer.vocab_size
+        self.model = build_model(self.config.model).to(self.device)
+        self.optimizer = configure_optimizer(self.model, tcfg, self.device)
+        self.amp = autocast_dtype(tcfg.dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.sampler = BatchSampler(self.data.train_ids, self.config.model.block_size, tcfg.batch_size, tcfg.seed, self.device)
+        self.step_model = torch.compile(self.model) if tcfg.compile else self.model
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        accumulate_gradients(self.step_model, self.sampler, self.scaler, self.config.train.grad_accum_steps, self.amp, self.device)
+        apply_gradients(self.model, self.optimizer, self.scaler, self.config.train.grad_clip)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def baseline_config(config: Config) -> Config:
+    """The same model and batch, trained the plain way: float32, eager, no compiler."""
+    plain = copy.deepcopy(config)
+    plain.train.dtype = "float32"
+    plain.train.compile = False
+    return plain
+
+
+def bench_train(config: Config, steps: int = 40, warmup: int = 5, block: int = 5) -> dict:
+    """Median tokens/s of `config`'s training step and of its float32 eager baseline, interleaved."""
+    device = resolve_device(config.train.device)
+    runners = [_Runner("config", copy.deepcopy(config), device), _Runner("baseline", baseline_config(config), device)]
+    for runner in runners:
+        for _ in range(warmup):  # compilation, allocator and autotuning happen here
+            runner.step()
+    while len(runners[0].times) < steps:
+        for runner in runners:
+            runner.times.extend(runner.step() for _ in range(block))
+    tokens_per_step = config.train.batch_size * config.model.block_size * config.train.grad_accum_steps
+    fast, base = (statistics.median(r.times[:steps]) for r in runners)
+    amp = runners[0].amp
+    return {
+        "tokens_per_second": tokens_per_step / fast,
+        "ms_per_step": 1000 * fast,
+        "baseline_tokens_per_second": tokens_per_step / base,
+        "baseline_ms_per_step": 1000 * base,
+        "speedup": base / fast,
+        "settings": {
+            "device": device.type,
+            "autocast": str(amp).replace("torch.", "") if amp else "off",
+            "compile": config.train.compile,
+            "threads": torch.get_num_threads(),
+            "batch_size": config.train.batch_size,
+            "block_size": config.model.block_size,
+            "grad_accum_steps": config.train.grad_accum_steps,
+            "tokens_per_step": tokens_per_step,
+            "steps_timed": steps,
+            "warmup_steps": warmup,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+    }

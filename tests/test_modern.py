@@ -1,0 +1,137 @@
+"""The options beyond GPT-2: RoPE, RMSNorm, QK-norm, ReLU^2, SwiGLU, zero-initialised projections, Muon."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from scratchgpt.checkpoint import load_checkpoint
+from scratchgpt.config import ModelConfig, TrainConfig
+from scratchgpt.model import GPT, MLP, apply_rope, rope_tables
+from scratchgpt.optim import MultiOptimizer, configure_optimizer
+from scratchgpt.train import train
+
+MODERN = dict(norm="rmsnorm", position="rope", qk_norm=True, activation="relu2", tie_weights=False)
+
+
+def cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_rope_rotates_each_pair_by_its_angle():
+    cos, sin = rope_tables(head_size=4, length=8, base=100.0)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(1, 1, 8, 4)  # pairs are (x0, x2) and (x1, x3)
+    out = apply_rope(x, cos, sin)[0, 0]
+    m = 3
+    for pair, freq in (((0, 2), 1.0), ((1, 3), 100.0 ** (-2 / 4))):
+        a, b = x[0, 0, m, pair[0]].item(), x[0, 0, m, pair[1]].item()
+        angle = m * freq
+        assert out[m, pair[0]].item() == pytest.approx(a * math.cos(angle) - b * math.sin(angle), abs=1e-5)
+        assert out[m, pair[1]].item() == pytest.approx(a * math.sin(angle) + b * math.cos(angle), abs=1e-5)
+    assert torch.allclose(out[0], x[0, 0, 0])  # position 0 is not rotated
+
+
+def test_rope_preserves_norms_and_sees_relative_positions():
+    torch.manual_seed(0)
+    cos, sin = rope_tables(head_size=8, length=32)
+    q, k = torch.randn(1, 1, 32, 8), torch.randn(1, 1, 32, 8)
+    rq = apply_rope(q, cos, sin)
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)
+    # the same query and key content, moved together by 5 positions, give the same score
+    same_q, same_k = q[:, :, :1].expand(1, 1, 32, 8), k[:, :, :1].expand(1, 1, 32, 8)
+    rq, rk = apply_rope(same_q, cos, sin), apply_rope(same_k, cos, sin)
+    score = lambda m, n: (rq[0, 0, m] @ rk[0, 0, n]).item()  # noqa: E731
+    assert score(7, 3) == pytest.approx(score(12, 8), abs=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
+
+
+@pytest.mark.parametrize("options", [MODERN, dict(MODERN, activation="swiglu"), dict(norm="rmsnorm"),
+                                     dict(position="rope"), dict(qk_norm=True)])
+def test_modern_options_stay_causal_and_agree_with_manual_attention(options):
+    torch.manual_seed(0)
+    sdpa = GPT(cfg(**options)).eval()
+    manual = GPT(cfg(**options, attention="manual")).eval()
+    manual.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(19, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 3) % 19
+    a, b = sdpa(idx)[0], sdpa(changed)[0]
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-5)
+    assert torch.allclose(a, manual(idx)[0], atol=1e-5)
+
+
+def test_rope_model_has_no_position_table():
+    names = dict(GPT(cfg(position="rope")).named_parameters())
+    assert "transformer.wpe.weight" not in names and "transformer.wpe.weight" in dict(GPT(cfg()).named_parameters())
+
+
+def test_relu2_and_swiglu_by_hand():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16)
+    relu2 = MLP(cfg(activation="relu2", mlp_hidden=8))
+    h = relu2.c_fc(x)
+    assert torch.allclose(relu2(x), relu2.c_proj(torch.clamp(h, min=0) ** 2), atol=1e-6)
+    swiglu = MLP(cfg(activation="swiglu", mlp_hidden=8))
+    assert swiglu.c_fc.out_features == 16
+    gate, value = swiglu.c_fc(x)[..., :8], swiglu.c_fc(x)[..., 8:]
+    assert torch.allclose(swiglu(x), swiglu.c_proj(gate * torch.sigmoid(gate) * value), atol=1e-6)
+
+
+def test_zero_initialised_projections_make_blocks_the_identity():
+    torch.manual_seed(0)
+    model = GPT(cfg(zero_init_proj=True, tie_weights=False)).eval()
+    idx = torch.randint(19, (1, 10))
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(10))
+    expected = model.lm_head(model.transformer.ln_f(x))
+    assert torch.allclose(model(idx)[0], expected, atol=1e-6)
+
+
+def test_qk_norm_gives_unit_rms_queries():
+    q = torch.randn(2, 2, 5, 8) * 7
+    assert torch.allclose(F.rms_norm(q, (8,)).pow(2).mean(-1), torch.ones(2, 2, 5), atol=1e-4)
+
+
+def test_muon_updates_are_near_orthogonal():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(32, 32))
+    opt = torch.optim.Muon([weight], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
+    grad = torch.randn(32, 4) @ torch.randn(4, 32) + 0.01 * torch.randn(32, 32)  # badly conditioned
+    weight.grad = grad
+    opt.step()
+    update = -weight.detach()
+    singular = torch.linalg.svdvals(update)
+    assert singular.max() < 1.5 and singular.min() > 0.0
+    top = singular[:4]
+    assert top.max() / top.min() < 1.5  # the large directions are equalised...
+    assert torch.linalg.svdvals(grad)[:4].max() / torch.linalg.svdvals(grad)[:4].min() > top.max() / top.min()
+
+
+def test_muon_takes_block_matrices_and_adamw_the_rest():
+    model = GPT(cfg(**MODERN))
+    opt = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02), torch.device("cpu"))
+    assert isinstance(opt, MultiOptimizer)
+    adamw, muon = opt.optimizers
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon_params) == (name.startswith("transformer.h.") and p.dim() == 2), name
+    assert muon.param_groups[0]["lr_scale"] == pytest.approx(20.0)
+
+
+def test_modern_muon_run_learns_and_resumes_exactly(tmp_path, small_corpus):
+    def config(steps):
+        c = tiny_config(small_corpus, max_steps=steps, eval_interval=10, lr_decay_steps=30, optimizer="muon", muon_lr=0.02)
+        for key, value in dict(MODERN, zero_init_proj=True).items():
+            setattr(c.model, key, value)
+        return c
+
+    full = train(config(30), tmp_path / "full", progress=False)
+    assert full.full_val_loss < math.log(20) - 1.0
+    train(config(10), tmp_path / "split", progress=False)
+    train(config(30), tmp_path / "split", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "full" / "last")[0].state_dict()
+    b = load_checkpoint(tmp_path / "split" / "last")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
