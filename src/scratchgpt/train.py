@@ -385,18 +385,27 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
             say(f"note: {last} was saved by {train_state.get('world_size', 1)} process(es), resuming with "
                 f"{dist_ctx.world_size}: the run continues, but not bit for bit")
 
+    initial = None  # fine-tuning: (model, tokenizer) of the checkpoint the run starts from
+    if tcfg.init_from and not resume:
+        initial_model, initial_tokenizer, initial_config, _ = load_checkpoint(tcfg.init_from)
+        initial = (initial_model, initial_tokenizer)
+        # The weights fix the network's shape; dropout and the attention kernel stay free.
+        config.model = ModelConfig(**{**asdict(initial_config.model), "dropout": config.model.dropout,
+                                      "attention": config.model.attention})
+
     torch.manual_seed(tcfg.seed + dist_ctx.rank)  # dropout masks differ between replicas
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     amp = autocast_dtype(tcfg.dtype, device)
 
-    data = prepare_dataset(config.data.path or None, config.data.val_fraction, tokenizer=resumed[1] if resumed else None)
+    fixed_tokenizer = resumed[1] if resumed else initial[1] if initial else None
+    data = prepare_dataset(config.data.path or None, config.data.val_fraction, tokenizer=fixed_tokenizer)
     config.model.vocab_size = data.tokenizer.vocab_size
     if resumed:
         _check_same_architecture(resumed_config.model, config.model, out / "last")
     model = build_model(config.model).to(device)
-    if resumed:
-        model.load_state_dict(resumed[0].state_dict())
+    if resumed or initial:
+        model.load_state_dict((resumed or initial)[0].state_dict())
     optimizer = configure_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     sampler = BatchSampler(data.train_ids, config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device,
