@@ -309,17 +309,15 @@ def _prune_periodic(out: Path, keep: int) -> None:
 
 
 def _plot_metrics(metrics_path: Path, png_path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a bare Figure draws to a file without pyplot, leaving the caller's backend alone (notebooks)
+        from matplotlib.figure import Figure
     except ImportError:
         return False
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), alpha=0.35, label="train (per step)")
     if evals:
@@ -332,7 +330,6 @@ def _plot_metrics(metrics_path: Path, png_path: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
     return True
 
 
