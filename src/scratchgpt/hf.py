@@ -364,6 +364,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = Fal
 
 def _export_readme(checkpoint: str | Path, config: Config, meta: dict[str, Any], result: ExportResult) -> str:
     m = config.model
+    where = str(result.out_dir)
     lines = [
         "# A scratchgpt model in Hugging Face GPT-2 format",
         "",
@@ -372,19 +373,21 @@ def _export_readme(checkpoint: str | Path, config: Config, meta: dict[str, Any],
         "",
         "```python",
         "from transformers import AutoTokenizer, GPT2LMHeadModel",
-        "model = GPT2LMHeadModel.from_pretrained(\"THIS_DIR\")",
+        f"model = GPT2LMHeadModel.from_pretrained({where!r})",
     ]
     if result.tokenizer_files:
-        lines += ["tokenizer = AutoTokenizer.from_pretrained(\"THIS_DIR\")",
+        lines += [f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
                   "ids = tokenizer(\"ROMEO:\", return_tensors=\"pt\").input_ids",
-                  "out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=40)",
+                  f"out = model.generate(ids, max_new_tokens={max(1, m.block_size // 2)}, do_sample=True, top_k=40)",
                   "print(tokenizer.decode(out[0]))"]
-    lines += ["```", ""]
+    lines += ["```", "",
+              f"The model sees at most {m.block_size} tokens (`n_positions`), prompt and continuation together: "
+              "transformers' `generate` does not crop a longer context, so keep within it.", ""]
     if m.bias is False:
         lines += ["The scratchgpt model had no biases; GPT-2 always has them, so they are stored as zeros.", ""]
     for note in result.notes:
         lines += [f"Note: {note}.", ""]
-    lines += ["Back to scratchgpt: `scratchgpt import --format hf --from THIS_DIR --out CHECKPOINT`.", ""]
+    lines += [f"Back to scratchgpt: `scratchgpt import --format hf --from {where} --out CHECKPOINT`.", ""]
     return "\n".join(lines)
 
 
