@@ -268,3 +268,83 @@ def test_init_from_through_the_python_api(tmp_path, tokenizer, small_corpus):
     moved = (tuned.transformer.wte.weight - model.transformer.wte.weight).abs().max()
     assert 0 < moved < 0.1  # started from the checkpoint, then trained a little
     assert isinstance(saved_config.data, DataConfig) and isinstance(saved_config.train, TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte-level BPE tokenizers (GPT-2's kind)
+
+
+def _train_gpt2_style_bpe(text: str, vocab_size: int = 300):
+    """A small byte-level BPE with GPT-2's pipeline and its <|endoftext|> token, trained here, offline."""
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([text], trainer)
+    return hf
+
+
+SAMPLE = "The cat sat.\n  Then   the dög ran! <|endoftext|>A fox's hat?"
+
+
+def test_gpt2_vocab_and_merges_read_like_transformers(tmp_path, small_corpus):
+    from scratchgpt.hf import gpt2_tokenizer_from_files
+
+    hf = _train_gpt2_style_bpe(small_corpus.read_text(encoding="utf-8"))
+    hf.model.save(str(tmp_path))  # GPT-2's slow-tokenizer files: vocab.json and merges.txt
+    ours = gpt2_tokenizer_from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    reference = transformers.GPT2TokenizerFast.from_pretrained(tmp_path)
+    ids = ours.encode(SAMPLE).ids
+    assert ids == reference(SAMPLE)["input_ids"] and ids.count(ours.token_to_id("<|endoftext|>")) == 1
+    assert ours.decode(ids, skip_special_tokens=False) == SAMPLE
+
+
+def _bpe_tokenizer(hf):
+    """Our BPE tokenizer around `hf`, once the tokenizer module has one."""
+    from scratchgpt.errors import TokenizerError
+    from scratchgpt.tokenizer import tokenizer_from_dict
+
+    try:
+        return tokenizer_from_dict({"type": "bpe", "hf_tokenizer": json.loads(hf.to_str())})
+    except TokenizerError:
+        pytest.skip("scratchgpt.tokenizer has no BPE tokenizer on this branch yet")
+
+
+def test_bpe_export_loads_in_transformers_and_imports_back(tmp_path, small_corpus):
+    tokenizer = _bpe_tokenizer(_train_gpt2_style_bpe(small_corpus.read_text(encoding="utf-8")))
+    ckpt, model = _checkpoint(tmp_path, tokenizer, activation="gelu_tanh")
+    result = export_hf(ckpt, tmp_path / "hf")
+    assert result.notes == []
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["eos_token_id"] == tokenizer.encode("<|endoftext|>")[0]
+    for cls in (transformers.AutoTokenizer, transformers.GPT2TokenizerFast):
+        loaded = cls.from_pretrained(tmp_path / "hf")
+        assert len(loaded) == tokenizer.vocab_size
+        assert loaded(SAMPLE)["input_ids"] == tokenizer.encode(SAMPLE)
+        assert loaded.decode(tokenizer.encode(SAMPLE)) == SAMPLE
+    idx = _inputs(tokenizer.vocab_size)
+    with torch.no_grad():
+        assert _max_diff(_hf_logits(tmp_path / "hf", idx), model(idx)[0]) < TOLERANCE
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    back, back_tokenizer, config, _ = load_checkpoint(tmp_path / "back")
+    assert back_tokenizer.encode(SAMPLE) == tokenizer.encode(SAMPLE) and config.data.tokenizer == "bpe"
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], model(idx)[0])
+
+
+def test_import_a_gpt2_directory_with_vocab_and_merges(tmp_path, small_corpus):
+    """Like the original GPT-2 download: weights, config.json, vocab.json and merges.txt."""
+    hf_tokenizer = _train_gpt2_style_bpe(small_corpus.read_text(encoding="utf-8"))
+    _bpe_tokenizer(hf_tokenizer)
+    hf_model = _random_gpt2(hf_tokenizer.get_vocab_size())
+    hf_model.save_pretrained(tmp_path / "gpt2")
+    hf_tokenizer.model.save(str(tmp_path / "gpt2"))
+    import_hf(tmp_path / "gpt2", tmp_path / "ours")
+    model, tokenizer, _, _ = load_checkpoint(tmp_path / "ours")
+    reference = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "gpt2")
+    assert tokenizer.encode(SAMPLE) == reference(SAMPLE)["input_ids"]
+    idx = torch.tensor([tokenizer.encode(SAMPLE)[:16]])
+    with torch.no_grad():
+        assert _max_diff(model(idx)[0], hf_model(idx).logits) < TOLERANCE
