@@ -208,8 +208,11 @@ def read_gpt2_weights(directory: Path) -> dict[str, torch.Tensor]:
         index = directory / index_name
         if not index.is_file():
             return None
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return [directory / name for name in sorted(set(weight_map.values()))]
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise InteropError(f"cannot read the weight index {index}: {exc}") from None
 
     candidates = [
         shards("model.safetensors.index.json") or ([directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else None),
