@@ -191,7 +191,7 @@ def _final_eval_seconds(model: torch.nn.Module, data: Dataset, cfg: Config, devi
     model.train(was_training)
     full_batches = math.ceil((len(data.val_ids) - 1) / block / 32)
     estimate_batches = 2 * cfg.train.eval_iters * cfg.train.batch_size / 32
-    return 1.3 * per_batch * (full_batches + estimate_batches) + 2.0  # + saving and plotting
+    return 1.15 * per_batch * (full_batches + estimate_batches) + 1.0  # + saving and plotting
 
 
 def sample_text(model: torch.nn.Module, data: Dataset, n_tokens: int, device: torch.device, seed: int = 0) -> str:
