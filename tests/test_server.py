@@ -24,9 +24,13 @@ CAP = 100_000  # large, so that an uncancelled generation would run far past the
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, small_corpus):
-    run = train_tiny_checkpoint(small_corpus, tmp_path_factory.mktemp("serve") / "tiny")
-    model, tokenizer = load(run)
+def tiny_run(tmp_path_factory, small_corpus):
+    return train_tiny_checkpoint(small_corpus, tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run):
+    model, tokenizer = load(tiny_run)
     app = create_app(model, tokenizer, "tiny", max_tokens_cap=CAP)
     with running_server(app) as url:
         yield url, model, tokenizer
@@ -187,3 +191,38 @@ def test_playground_page_is_served(served):
     response = httpx.get(url + "/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert "/v1/completions" in response.text and 'id="generate"' in response.text
+
+
+def test_serve_command_starts_a_server(tiny_run):
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "scratchgpt", "serve", "--checkpoint", str(tiny_run), "--port", str(port),
+                             "--max-tokens-cap", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                info = httpx.get(f"http://127.0.0.1:{port}/health").json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "scratchgpt serve did not answer within 60 s"
+                time.sleep(0.1)
+        assert info["model"] == "tiny/best" and info["max_tokens_cap"] == 50
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "the ", "max_tokens": 51})
+        assert response.status_code == 400 and "--max-tokens-cap" in response.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    from scratchgpt.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.count("\n") == 1
