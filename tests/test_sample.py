@@ -92,3 +92,16 @@ def test_log_probabilities_sum_to_one_after_filters():
     assert torch.allclose(torch.softmax(filtered, -1).sum(-1), torch.ones(3))
     assert (torch.isfinite(filtered).sum(-1) <= 10).all()
     assert math.isfinite(filtered.max().item())
+
+
+def test_repetition_penalty_by_hand():
+    from scratchgpt.sample import repetition_penalty_filter
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
+    previous = torch.tensor([[0, 1, 1], [3, 3, 3]])
+    out = repetition_penalty_filter(logits, previous, 2.0)
+    # seen tokens: a positive logit is halved, a negative one doubled; unseen ones are untouched
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0], [2.0, -1.0, 0.5, 1.5]]
+    assert torch.equal(repetition_penalty_filter(logits, previous, 1.0), logits)
+    # greedy picks token 3 without the penalty, token 0 once 3 has been seen and penalised
+    assert sample_next(out[1:], temperature=0).item() == 0 and sample_next(logits[1:], temperature=0).item() == 3

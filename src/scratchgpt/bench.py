@@ -1,4 +1,4 @@
-"""Training speed, measured the way it matters: complete steps, against a baseline in the same run.
+"""Speed, measured the way it matters: complete steps, against a baseline in the same run.
 
 A step is everything `train` does per optimizer step: batch fetch, forward and backward under
 the run's autocast, gradient clipping, the AdamW step. `bench_train` times the config's own
@@ -98,6 +98,55 @@ def bench_train(config: Config, steps: int = 40, warmup: int = 5, block: int = 5
             "tokens_per_step": tokens_per_step,
             "steps_timed": steps,
             "warmup_steps": warmup,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+    }
+
+
+def bench_sample(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int = 1000, block: int = 50) -> dict:
+    """Greedy tokens/s with the KV cache and on the naive path, stepped in alternating blocks of tokens.
+
+    Both generations advance `block` tokens at a time in turn, so that both see the same
+    machine load; each path's time is the sum of its blocks, prefills and window jumps included.
+    """
+    from .engine import decode, default_keep
+
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    for use_cache in (True, False):  # warm-up: allocator, kernels, lazy initialisation
+        for _ in decode(model, idx, 4, temperature=0, use_cache=use_cache):
+            pass
+    paths = {name: decode(model, idx, max_new_tokens, temperature=0, use_cache=name == "cached") for name in ("cached", "naive")}
+    seconds = {name: 0.0 for name in paths}
+    tokens: dict[str, list[int]] = {name: [] for name in paths}
+    while any(len(t) < max_new_tokens for t in tokens.values()):
+        for name, steps in paths.items():
+            start = time.perf_counter()
+            ids = [int(step.ids[0]) for _, step in zip(range(block), steps, strict=False)]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name] += time.perf_counter() - start
+            tokens[name].extend(ids)
+    config = model.config
+    return {
+        "cached_tokens_per_second": max_new_tokens / seconds["cached"],
+        "naive_tokens_per_second": max_new_tokens / seconds["naive"],
+        "speedup": seconds["naive"] / seconds["cached"],
+        "cached_seconds": seconds["cached"],
+        "naive_seconds": seconds["naive"],
+        "identical_text": tokens["cached"] == tokens["naive"],
+        "settings": {
+            "max_new_tokens": max_new_tokens,
+            "prompt_tokens": len(prompt_ids),
+            "model_type": config.model_type,
+            "n_layer": config.n_layer,
+            "n_embd": config.n_embd,
+            "block_size": config.block_size,
+            "window_keep": default_keep(config.block_size),
+            "device": device.type,
+            "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,

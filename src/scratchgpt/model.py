@@ -5,6 +5,10 @@ V = vocabulary. Both models map token ids (B, T) to next-token logits (B, T, V) 
 `(logits, loss)`, the loss being the mean cross-entropy over every position when targets
 are given.
 
+For generation, `GPT.forward` also takes an optional `KVCache`: the keys and values of the
+tokens seen so far are kept per layer, so each new token costs one position's work instead of
+a pass over the whole context. Training never passes a cache.
+
 Parameter names follow the GPT-2 layout (`transformer.h.0.attn.c_attn.weight`, ...), so the
 weights map one to one onto other GPT-2 implementations.
 """
@@ -21,15 +25,68 @@ from .config import ModelConfig
 from .errors import ConfigError
 
 
+def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:
+    """(T, S) booleans, True where query t may attend to key s: the T queries are the last T of the S keys.
+
+    Without a cache T == S and this is the usual lower triangle; with a cache the S - T earlier
+    keys come from the cache and every query sees all of them.
+    """
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Causal attention written out: softmax(QK^T / sqrt(hs) + mask) @ V, for (B, nh, T, hs) inputs."""
-    T, head_size = q.size(-2), q.size(-1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_size)  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))  # a token may look at itself and the past only
+    """Causal attention written out: softmax(QK^T / sqrt(hs) + mask) @ V, queries (B, nh, T, hs), keys (B, nh, S, hs)."""
+    T, S, head_size = q.size(-2), k.size(-2), q.size(-1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_size)  # (B, nh, T, hs) @ (B, nh, hs, S) -> (B, nh, T, S)
+    scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))  # a token may look at itself and the past only
     weights = F.softmax(scores, dim=-1)
     weights = F.dropout(weights, p=dropout_p, training=training)
-    return weights @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+    return weights @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated for block_size positions.
+
+    `length` tokens are cached; the next token fed to the model sits at position `length`.
+    Each layer writes its new keys and values in place and attends over all cached ones.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_size: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layer, batch_size, n_head, block_size, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.size(1)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.size(3)
+
+    def reset(self) -> None:
+        """Forget every cached position (the memory stays allocated)."""
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new (B, nh, T, hs) keys and values; return all of them, (B, nh, length + T, hs)."""
+        start, end = self.length, self.length + k.size(2)
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def repeat(self, n: int) -> KVCache:
+        """A cache of n copies of this batch-1 cache: one prompt's prefill shared by n continuations."""
+        if self.batch_size != 1:
+            raise ValueError(f"only a batch-1 cache can be repeated, this one holds {self.batch_size}")
+        n_layer, _, n_head, block_size, head_size = self.keys.shape
+        copy = KVCache(n_layer, n, n_head, block_size, head_size, self.keys.device, self.keys.dtype)
+        copy.keys.copy_(self.keys.expand_as(copy.keys))  # (L, 1, nh, T, hs) -> (L, n, nh, T, hs)
+        copy.values.copy_(self.values.expand_as(copy.values))
+        copy.length = self.length
+        return copy
 
 
 def make_norm(config: ModelConfig, size: int | None = None) -> nn.Module:
@@ -82,8 +139,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
+        start = cache.length if cache is not None else 0  # position of the first of these T tokens
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
         # (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs): each head attends independently
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -93,11 +151,20 @@ class CausalSelfAttention(nn.Module):
             q = F.rms_norm(q, (q.size(-1),))
             k = F.rms_norm(k, (k.size(-1),))
         if self.use_rope:
-            q = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T])
-            k = apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+        if cache is not None:  # keys and values are cached after RoPE, so each is rotated once
+            k, v = cache.update(layer, k, v)  # (B, nh, T, hs) -> (B, nh, start + T, hs)
         dropout_p = self.dropout if self.training else 0.0
         if self.use_sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            if start == 0:  # square: the usual causal triangle
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            elif T == 1:  # one new token sees every cached one: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:  # several new tokens after cached ones (sdpa's is_causal would align the triangle top-left)
+                mask = causal_mask(T, k.size(2), x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
             y = manual_attention(q, k, v, dropout_p=dropout_p, training=self.training)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
@@ -140,8 +207,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # tokens exchange information
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)  # tokens exchange information
         x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
         return x
 
@@ -184,19 +251,34 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for tokens idx (B, T), and the loss if targets are given.
+
+        With a cache, idx continues the cached tokens (it sits at positions cache.length...),
+        its keys and values are added to the cache, and the logits are for idx's positions only.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T) -> (B, T, C)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C) + (T, C)
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C) + (T, C)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
         return logits, lm_loss(logits, targets)
+
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to block_size tokens, on the model's device."""
+        weight = self.transformer.wte.weight
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_size, weight.device, weight.dtype)
 
 
 class Bigram(nn.Module):

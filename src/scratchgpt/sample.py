@@ -1,14 +1,16 @@
 """Sampling: pure functions of logits and an explicit generator, and the generation loop.
 
-Each filter takes logits (..., V) and returns logits with the excluded tokens set to -inf,
-so they compose in any order and can be tested on their own. `sample_next` applies
-temperature, then top-k, then top-p, and draws with the caller's `torch.Generator`: the same
-seed gives the same text.
+Each filter takes logits (..., V) and returns logits with the excluded tokens set to -inf
+(or, for the repetition penalty, lowered), so they compose and can be tested on their own.
+`sample_next` applies temperature, then top-k, then top-p, and draws with the caller's
+`torch.Generator`: the same seed gives the same text. The decoding loop itself, with its KV
+cache and its naive reference, lives in `engine.py`; `generate` and `generate_text` here are
+its simple front doors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,19 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def repetition_penalty_filter(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Lower the logits (B, V) of tokens that occur in previous_ids (B, T) (Keskar et al., 2019).
+
+    A positive logit is divided by the penalty and a negative one multiplied by it, so a
+    penalty above 1 always makes a repeat less likely; 1 changes nothing.
+    """
+    if penalty == 1.0:
+        return logits
+    seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(-1, previous_ids, True)  # (B, V)
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -52,7 +67,6 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     idx: torch.Tensor,
@@ -61,18 +75,20 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    *,
+    repetition_penalty: float = 1.0,
+    use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time, continuing the prompts `idx` (B, T).
 
-    This is the plain path: a full forward pass over the (cropped) context at every step.
+    With the KV cache by default; `use_cache=False` runs the naive reference (a full forward
+    pass over the context at every step), which gives the same tokens.
     """
-    block_size = model.config.block_size
-    for _ in range(max_new_tokens):
-        context = idx[:, -block_size:]  # the model sees at most block_size tokens
-        logits, _ = model(context)
-        next_ids = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
-        idx = torch.cat([idx, next_ids[:, None]], dim=1)
-        yield next_ids
+    from .engine import decode
+
+    for step in decode(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, generator=generator, use_cache=use_cache):
+        yield step.ids
 
 
 def generate_text(
@@ -84,14 +100,14 @@ def generate_text(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    *,
+    repetition_penalty: float = 1.0,
+    stop: Sequence[str] = (),
+    use_cache: bool = True,
 ) -> str:
-    """Convenience wrapper: the prompt's continuation as a string."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    ids = [int(t[0]) for t in generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator)]
-    return tokenizer.decode(ids)
+    """Convenience wrapper: the prompt's continuation as a string, ended early by a stop string."""
+    from .engine import SamplingSettings, stream_completion
+
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=use_cache)
+    return "".join(chunk.text for chunks in stream_completion(model, tokenizer, prompt, settings) for chunk in chunks)
