@@ -6,8 +6,9 @@ Writes a corpus of `--size-mb` megabytes to a temporary folder (the source's lin
 again for every copy, so that it is not one text repeated), then for each tokenizer runs
 `scratchgpt train` on it twice in a fresh process each time: first with an empty token cache
 (read, count, train BPE, encode), then again (the cache is reused). The peak resident memory
-of each process comes from the kernel's rusage of that child (`os.wait4`), torch included.
-The corpus and the caches are deleted at the end. Prints one JSON object per run.
+of each process comes from the kernel's rusage of that child (`os.wait4`), torch included;
+a process that only imports the training code gives the floor. The corpus and the caches
+are deleted at the end. Prints one JSON object per run.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def main() -> None:
         corpus = work / "corpus.txt"
         size = write_corpus(Path(args.source), corpus, int(args.size_mb * 1e6))
         print(json.dumps({"corpus_bytes": size, "corpus": str(corpus)}), flush=True)
+        # The floor: a process that only imports scratchgpt's training code (torch, numpy, tokenizers).
+        code, rss_mib, _, tail = run_measured([sys.executable, "-c", "import scratchgpt.train, tokenizers"], dict(os.environ))
+        if code != 0:
+            raise SystemExit(tail)
+        print(json.dumps({"run": "import only", "peak_rss_mib": round(rss_mib, 1)}), flush=True)
         for kind in args.tokenizers:
             env = {**os.environ, "SCRATCHGPT_CACHE": str(work / f"cache-{kind}")}
             for attempt in ("first", "cached"):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import DataConfig
 from .errors import DataError, TokenizerError
 from .tokenizer import (
     DEFAULT_BPE_VOCAB_SIZE,
@@ -638,7 +639,7 @@ def _encode_corpus(corpus: Corpus, stats: CorpusStats, n_train: int, tokenizer: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def dataset_from_config(data_config: Any, tokenizer: Tokenizer | None = None, block_size: int | None = None,
+def dataset_from_config(data_config: DataConfig, tokenizer: Tokenizer | None = None, block_size: int | None = None,
                         progress: bool | None = None, log: Callable[[str], None] | None = None) -> Dataset:
     """`prepare_dataset` with the settings of a `DataConfig`."""
     return prepare_dataset(
