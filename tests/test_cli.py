@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -46,9 +47,10 @@ def test_sample_several_and_greedy(trained_run, capsys):
 def test_eval_json(trained_run, small_corpus, capsys):
     assert main(["eval", "--checkpoint", str(trained_run), "--data", str(small_corpus), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"val_loss", "val_perplexity", "val_bpc", "val_tokens"}
+    assert set(result) == {"val_loss", "val_perplexity", "val_bpc", "val_bpb", "val_tokens", "val_chars", "val_bytes"}
     n_val = len(small_corpus.read_text()) - int(len(small_corpus.read_text()) * 0.9)
-    assert result["val_tokens"] == n_val - 1
+    assert result["val_tokens"] == result["val_chars"] == result["val_bytes"] == n_val - 1  # ASCII, one char per token
+    assert result["val_bpc"] == result["val_bpb"] == pytest.approx(result["val_loss"] / math.log(2))
     assert result["val_perplexity"] == pytest.approx(torch.tensor(result["val_loss"]).exp().item(), rel=1e-5)
 
 

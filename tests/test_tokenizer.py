@@ -44,3 +44,134 @@ def test_shakespeare_vocabulary(shakespeare_path):
     assert len(text) == 1_115_394
     assert tok.vocab_size == 65
     assert tok.decode(tok.encode(text[:1000])) == text[:1000]
+
+
+# --- byte and BPE tokenizers -------------------------------------------------------------------
+
+import functools  # noqa: E402
+import json  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+from scratchgpt.tokenizer import (  # noqa: E402
+    BPETokenizer,
+    ByteTokenizer,
+    StreamDecoder,
+    Tokenizer,
+    byte_level_alphabet,
+)
+
+TRAINING_TEXT = (
+    "the cat sat on the mat. the dog sat on the log; the fox ran past them all!\n"
+    "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich.\n"
+    "東京は日本の首都です。 Ceci n'est pas une pipe. 12345 + 678 = 13023\n"
+) * 20
+
+
+@functools.lru_cache(maxsize=1)
+def small_bpe() -> BPETokenizer:
+    return BPETokenizer.train([TRAINING_TEXT], vocab_size=300)
+
+
+def test_byte_tokenizer_by_hand():
+    tok = ByteTokenizer()
+    assert tok.vocab_size == 256 and tok.to_dict() == {"type": "byte"}
+    assert tok.encode("aé中") == [0x61, 0xC3, 0xA9, 0xE4, 0xB8, 0xAD]
+    assert tok.decode([0x61, 0xC3, 0xA9]) == "aé"
+    assert tok.decode([0x61, 0xC3]) == "a\ufffd"  # half a character is replaced, not an error
+    with pytest.raises(TokenizerError, match="256"):
+        tok.decode([256])
+
+
+def test_every_tokenizer_shares_the_interface():
+    for tok in (CharTokenizer.from_text("ab"), ByteTokenizer(), small_bpe()):
+        assert isinstance(tok, Tokenizer)
+        again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+        assert again == tok and again.kind == tok.kind and again.vocab_size == tok.vocab_size
+
+
+def test_bpe_merges_frequent_sequences_and_saves_the_hf_json(tmp_path):
+    tok = small_bpe()
+    assert tok.vocab_size == 300 and tok.kind == "bpe"
+    assert len(tok.encode("the cat sat on the mat")) < len("the cat sat on the mat") / 2
+    d = tok.to_dict()
+    assert set(d) == {"type", "hf_tokenizer"} and d["type"] == "bpe"
+    assert d["hf_tokenizer"]["model"]["type"] == "BPE" and d["hf_tokenizer"] == json.loads(tok.hf.to_str())
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert again == tok and again.encode(TRAINING_TEXT[:300]) == tok.encode(TRAINING_TEXT[:300])
+
+
+def test_bpe_from_hf_wraps_a_tokenizers_object_and_refuses_other_models():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    wrapped = BPETokenizer.from_hf(HFTokenizer.from_str(small_bpe().hf.to_str()))
+    assert wrapped == small_bpe() and wrapped.hf.get_vocab_size() == 300
+    word_level = HFTokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(TokenizerError, match="byte-level BPE"):
+        BPETokenizer.from_hf(word_level)
+    with pytest.raises(TokenizerError, match="at least the 256"):
+        BPETokenizer.train(["abc"], vocab_size=100)
+
+
+def test_bpe_decode_agrees_with_the_hf_decoder():
+    tok = small_bpe()
+    ids = tok.encode(TRAINING_TEXT[:500])
+    assert tok.decode(ids) == tok.hf.decode(ids) == TRAINING_TEXT[:500]
+    for i in range(tok.vocab_size):  # every single token whose bytes are whole characters
+        raw = tok.decode_bytes([i])
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        assert tok.hf.decode([i]) == text
+
+
+def test_byte_level_alphabet_is_gpt2s():
+    from tokenizers import pre_tokenizers
+
+    table = byte_level_alphabet()
+    assert sorted(table.values()) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    assert table[ord("a")] == "a" and table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ"  # the well-known ones
+    assert "".join(table[b] for b in "é".encode()) == "Ã©"
+
+
+def test_stream_decoder_holds_back_partial_characters():
+    stream = StreamDecoder(ByteTokenizer())
+    assert [stream.feed([b]) for b in "é!".encode()] == ["", "é", "!"]
+    stream.feed([0xE4])
+    assert stream.flush() == "\ufffd"
+
+
+@given(st.text())
+def test_byte_round_trip_any_unicode(text):
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=200)
+@given(st.text())
+def test_bpe_round_trip_any_unicode(text):
+    tok = small_bpe()
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+@given(st.lists(st.integers(0, 255)))
+def test_byte_decode_never_fails_and_streams_the_same(ids):
+    tok = ByteTokenizer()
+    assert "".join(StreamDecoder(tok).decode_all(ids)) == tok.decode(ids) == bytes(ids).decode("utf-8", "replace")
+
+
+@given(st.lists(st.integers(0, 299)))
+def test_bpe_decode_of_any_ids_never_fails_and_streams_the_same(ids):
+    tok = small_bpe()
+    assert "".join(StreamDecoder(tok).decode_all(ids)) == tok.decode(ids)
+
+
+def test_char_decode_refuses_ids_outside_the_vocabulary():
+    with pytest.raises(TokenizerError, match="outside"):
+        CharTokenizer.from_text("ab").decode([0, 2])

@@ -15,7 +15,7 @@ from .config import Config, DataConfig, ModelConfig, TrainConfig, config_from_pr
 from .errors import ScratchGPTError  # noqa: E402
 from .model import GPT, Bigram, build_model  # noqa: E402
 from .sample import generate, generate_text  # noqa: E402
-from .tokenizer import CharTokenizer  # noqa: E402
+from .tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer  # noqa: E402
 from .train import TrainResult, train  # noqa: E402
 
 
@@ -31,6 +31,6 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
 
 
 __all__ = [
-    "GPT", "Bigram", "CharTokenizer", "Config", "DataConfig", "ModelConfig", "ScratchGPTError", "TrainConfig",
+    "GPT", "BPETokenizer", "Bigram", "ByteTokenizer", "CharTokenizer", "Config", "DataConfig", "ModelConfig", "ScratchGPTError", "TrainConfig",
     "TrainResult", "build_model", "config_from_preset", "generate", "generate_text", "load", "train", "__version__",
 ]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .data import BatchSampler, prepare_dataset
+from .data import BatchSampler, dataset_from_config
 from .model import build_model
 from .optim import configure_optimizer
 from .train import (
@@ -41,7 +41,7 @@ class _Runner:
     def __post_init__(self) -> None:
         torch.manual_seed(self.config.train.seed)
         tcfg = self.config.train
-        self.data = prepare_dataset(self.config.data.path or None, self.config.data.val_fraction)
+        self.data = dataset_from_config(self.config.data, block_size=self.config.model.block_size)
         self.config.model.vocab_size = self.data.tokenizer.vocab_size
         self.model = build_model(self.config.model).to(self.device)
         self.optimizer = configure_optimizer(self.model, tcfg, self.device)

@@ -30,6 +30,9 @@ TRAIN_EXAMPLES = """examples:
   scratchgpt train --preset cpu-baby --out runs/baby
   scratchgpt train --preset cpu-baby --data my_text.txt --max-steps 500 --out runs/mine
   scratchgpt train --preset bigram --out runs/bigram
+  scratchgpt train --data notes/ --tokenizer bpe --vocab-size 2048 --out runs/notes   # every text file under notes/
+  scratchgpt train --data 'books/**/*.txt' --tokenizer byte --skip-bad-files --out runs/books
+  scratchgpt train --data old_latin1.txt --encoding latin-1 --out runs/old
   scratchgpt train --resume runs/baby --max-steps 4000      # continue a run, here for longer
   scratchgpt train --init-from runs/gpt2 --data my_text.txt --lr 3e-5 --min-lr 3e-6 --out runs/tuned   # fine-tune
 """
@@ -43,6 +46,7 @@ SAMPLE_EXAMPLES = """examples:
 EVAL_EXAMPLES = """examples:
   scratchgpt eval --checkpoint runs/baby
   scratchgpt eval --checkpoint runs/baby --data my_text.txt --json
+  scratchgpt eval --checkpoint runs/notes-bpe --data notes/     # compare tokenizers by val_bpc (bits per character)
 """
 
 
@@ -131,9 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="loss on the whole validation split", epilog=EVAL_EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             description="Mean cross-entropy over every position of the validation split, in consecutive "
-                                        "windows of block_size, with perplexity and bits per character.")
+                                        "windows of block_size, with perplexity, and bits per character and per byte, "
+                                        "which compare models with different tokenizers.")
     p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
-    p.add_argument("--data", help="text to evaluate on (default: the text the checkpoint was trained on)")
+    p.add_argument("--data", help="text to evaluate on: a file, a directory or a glob (default: the checkpoint's training text)")
+    p.add_argument("--encoding", help="the text's encoding (default: the checkpoint's, normally utf-8)")
+    p.add_argument("--skip-bad-files", action="store_true", default=None, help="leave out files that are not text")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -391,7 +398,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .data import prepare_dataset
+    from .data import dataset_from_config
     from .evaluate import evaluate_split
     from .train import resolve_device
 
@@ -399,14 +406,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ScratchGPTError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
     model, tokenizer, config, _ = load_checkpoint(args.checkpoint, device)
-    data_path = args.data or config.data.path or None
-    data = prepare_dataset(data_path, config.data.val_fraction, tokenizer=tokenizer)
-    result = evaluate_split(model, data.val_ids, data.val_chars, batch_size=args.batch_size, device=device)
+    data_config = dataclasses.replace(config.data, path=args.data or config.data.path,
+                                      encoding=args.encoding or config.data.encoding,
+                                      skip_bad_files=args.skip_bad_files or config.data.skip_bad_files)
+    data = dataset_from_config(data_config, tokenizer=tokenizer, block_size=1)
+    result = evaluate_split(model, data.val_ids, data.val_target_chars, batch_size=args.batch_size, device=device,
+                            n_bytes=data.val_target_bytes)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"val loss {result.val_loss:.4f} | perplexity {result.val_perplexity:.3f} | "
-              f"{result.val_bpc:.4f} bits/char | {result.val_tokens:,} tokens of {data.source}")
+        print(f"val loss {result.val_loss:.4f} per token | perplexity {result.val_perplexity:.3f} | "
+              f"{result.val_bpc:.4f} bits/char | {result.val_bpb:.4f} bits/byte | {result.val_tokens:,} {tokenizer.kind} "
+              f"tokens, {result.val_chars:,} characters of {data.source}")
     return 0
 
 

@@ -4,6 +4,11 @@
 of block_size tokens, each token predicted from the tokens before it in its window, the last
 window shorter. Its mean cross-entropy is the figure `scratchgpt eval` reports, comparable
 across runs because it does not depend on random sampling.
+
+A loss per token cannot rank a character model against a BPE model (a BPE token covers
+several characters), so the same total is also spread over the characters and the UTF-8 bytes
+that the scored tokens cover: bits per character and bits per byte compare any two tokenizers
+on the same text.
 """
 
 from __future__ import annotations
@@ -20,16 +25,19 @@ import torch.nn.functional as F
 @dataclass
 class EvalResult:
     val_loss: float  # mean cross-entropy in nats per token
-    val_perplexity: float  # exp(val_loss)
-    val_bpc: float  # bits per character: the loss in bits, spread over the characters the tokens cover
+    val_perplexity: float  # exp(val_loss), per token
+    val_bpc: float  # bits per character: the loss in bits, spread over the characters the scored tokens cover
     val_tokens: int  # positions scored
+    val_bpb: float = float("nan")  # bits per UTF-8 byte of the same text
+    val_chars: int = 0  # characters covered by the scored tokens
+    val_bytes: int = 0  # UTF-8 bytes covered by the scored tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def bits_per_character(loss_per_token: float, n_tokens: int, n_chars: int) -> float:
-    """Nats per token to bits per character: loss * tokens / characters / ln 2."""
+    """Nats per token to bits per character: loss * tokens / characters / ln 2 (bits per byte with bytes)."""
     return loss_per_token * n_tokens / max(1, n_chars) / math.log(2)
 
 
@@ -41,22 +49,27 @@ def evaluate_split(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    n_bytes: int | None = None,
 ) -> EvalResult:
-    """Mean next-token loss over every position of `ids`, in windows of the model's block_size."""
+    """Mean next-token loss over every position of `ids`, in windows of the model's block_size.
+
+    `n_chars` and `n_bytes` are the characters and bytes of text the scored tokens (all but
+    the first) cover; they turn the loss into bits per character and per byte.
+    """
     block_size = model.config.block_size
     device = torch.device(device)
     n_targets = len(ids) - 1
     if n_targets < 1:
         raise ValueError("a split needs at least two tokens to be scored")
-    data = torch.from_numpy(np.asarray(ids).astype(np.int64))
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
     def summed_loss(starts: list[int], length: int) -> float:
-        x = torch.stack([data[s : s + length] for s in starts]).to(device)  # (b, length)
-        y = torch.stack([data[s + 1 : s + 1 + length] for s in starts]).to(device)
+        # Only this batch's windows are read from the (memory-mapped) ids and widened to int64.
+        windows = torch.from_numpy(np.stack([np.asarray(ids[s : s + length + 1], dtype=np.int64) for s in starts]))
+        x, y = windows[:, :-1].to(device), windows[:, 1:].to(device)  # (b, length) each
         with ctx:
             logits, _ = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
 
     n_full = n_targets // block_size
     starts = [i * block_size for i in range(n_full)]
@@ -71,4 +84,5 @@ def evaluate_split(
     finally:
         model.train(was_training)
     loss = total / n_targets
-    return EvalResult(loss, math.exp(loss), bits_per_character(loss, len(ids), n_chars), n_targets)
+    bpb = bits_per_character(loss, n_targets, n_bytes) if n_bytes is not None else float("nan")
+    return EvalResult(loss, math.exp(loss), bits_per_character(loss, n_targets, n_chars), n_targets, bpb, n_chars, n_bytes or 0)

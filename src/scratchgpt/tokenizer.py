@@ -1,16 +1,60 @@
 """Tokenizers turn text into integer ids and back.
 
-The character tokenizer is the textbook one: its vocabulary is the sorted set of characters
-of the corpus, and each character is one token. It is saved as JSON next to every checkpoint.
+Three kinds share one small interface (`Tokenizer`: encode, decode, vocab_size, to_dict, kind):
+
+- `CharTokenizer`, the textbook one: the vocabulary is the sorted set of the corpus's
+  characters, one token each. Unknown characters are refused.
+- `ByteTokenizer`: the 256 byte values of the UTF-8 encoding. Any text can be encoded; one
+  character of a script beyond ASCII becomes two to four tokens.
+- `BPETokenizer`: byte-level BPE (as in GPT-2) trained with Hugging Face `tokenizers`: frequent
+  byte sequences become one token, so a token covers several characters on average.
+
+Each is saved as JSON in a checkpoint's tokenizer.json:
+
+    {"type": "char", "chars": ["\\n", " ", "!", ...]}
+    {"type": "byte"}
+    {"type": "bpe", "hf_tokenizer": {...the JSON of tokenizers.Tokenizer.to_str()...}}
+
+Byte-level ids can end in the middle of a UTF-8 character (a sample cut short, one token of a
+stream), so `decode` replaces incomplete bytes with U+FFFD instead of failing, and
+`StreamDecoder` holds them back until the character is complete.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import TokenizerError
+
+TOKENIZER_KINDS = ("char", "byte", "bpe")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What every tokenizer offers: text <-> ids, its size, and its JSON description."""
+
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
+    bad = [i for i in ids if not 0 <= int(i) < vocab_size]
+    if bad:
+        raise TokenizerError(f"token id {bad[0]} is outside the vocabulary of {vocab_size} tokens")
 
 
 class CharTokenizer:
@@ -36,15 +80,23 @@ class CharTokenizer:
         try:
             return [self.stoi[c] for c in text]
         except KeyError:
-            unknown = sorted({c for c in text if c not in self.stoi})
-            shown = ", ".join(repr(c) for c in unknown[:10])
-            raise TokenizerError(
-                f"the text has {len(unknown)} character(s) the tokenizer does not know: {shown}; "
-                "use only characters from the training text"
-            ) from None
+            raise self.unknown_error(text) from None
 
-    def decode(self, ids: list[int]) -> str:
+    def unknown_error(self, text: str) -> TokenizerError:
+        """The error for text holding characters outside the vocabulary, naming them."""
+        unknown = sorted({c for c in text if c not in self.stoi})
+        shown = ", ".join(repr(c) for c in unknown[:10])
+        return TokenizerError(
+            f"the text has {len(unknown)} character(s) the tokenizer does not know: {shown}; "
+            "use only characters from the training text (or train with --tokenizer byte or bpe, which know every character)"
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        _check_ids(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.kind, "chars": self.chars}
@@ -56,13 +108,187 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-Tokenizer = CharTokenizer
+class ByteTokenizer:
+    """One token per byte of the UTF-8 encoding: 256 symbols, never an unknown character."""
+
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        _check_ids(ids, 256)
+        return bytes(int(i) for i in ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ByteTokenizer)
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=256)"
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """The printable stand-in character for each byte, as GPT-2's byte-level BPE writes tokens.
+
+    Bytes that are printable Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
+    themselves; the other 68 bytes (controls, space, soft hyphen) take the characters from
+    U+0100 upwards, in byte order.
+    """
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(0x100 + shifted)
+            shifted += 1
+    return table
+
+
+def _mentions_byte_level(component: Any) -> bool:
+    """Whether a pre-tokenizer description (possibly a Sequence of them) includes ByteLevel."""
+    if isinstance(component, dict):
+        if component.get("type") == "ByteLevel":
+            return True
+        return any(_mentions_byte_level(v) for v in component.values())
+    if isinstance(component, list):
+        return any(_mentions_byte_level(v) for v in component)
+    return False
+
+
+DEFAULT_BPE_VOCAB_SIZE = 1024
+
+
+class BPETokenizer:
+    """Byte-level BPE held in a Hugging Face `tokenizers.Tokenizer` (the `.hf` attribute)."""
+
+    kind = "bpe"
+
+    def __init__(self, hf: Any):
+        import tokenizers
+
+        if not isinstance(hf, tokenizers.Tokenizer):
+            raise TokenizerError(f"BPETokenizer needs a tokenizers.Tokenizer, got {type(hf).__name__}")
+        description = json.loads(hf.to_str())
+        model_type = (description.get("model") or {}).get("type")
+        if model_type != "BPE" or not _mentions_byte_level(description.get("pre_tokenizer")):
+            raise TokenizerError(
+                f"only byte-level BPE tokenizers are supported (model {model_type!r}, pre-tokenizer "
+                f"{(description.get('pre_tokenizer') or {}).get('type')!r})"
+            )
+        self.hf = hf
+        # Every id's bytes, for decoding without the HF decoder: byte-level token strings map
+        # back through the alphabet; added tokens (such as GPT-2's <|endoftext|>) are plain text.
+        to_byte = {ch: b for b, ch in byte_level_alphabet().items()}
+        added = {token.content for token in hf.get_added_tokens_decoder().values()}
+        self._token_bytes: list[bytes] = [b""] * hf.get_vocab_size(with_added_tokens=True)
+        for token, index in hf.get_vocab(with_added_tokens=True).items():
+            if token in added or any(ch not in to_byte for ch in token):
+                self._token_bytes[index] = token.encode("utf-8")
+            else:
+                self._token_bytes[index] = bytes(to_byte[ch] for ch in token)
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> BPETokenizer:
+        """Wrap an existing byte-level BPE `tokenizers.Tokenizer` (for example GPT-2's)."""
+        return cls(hf)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE, length: int | None = None) -> BPETokenizer:
+        """Learn `vocab_size - 256` merges over the 256 byte symbols from an iterator of texts."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 256:
+            raise TokenizerError(f"a byte-level BPE vocabulary needs at least the 256 byte symbols; got --vocab-size {vocab_size}")
+        hf = HFTokenizer(models.BPE())
+        # GPT-2's pre-tokenizer: split into words, numbers, punctuation and spaces, then map bytes
+        # to printable characters. No prefix space, so that decode(encode(text)) == text.
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=[],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(texts, trainer=trainer, length=length)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._token_bytes)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Several texts at once, encoded in parallel by the Rust library."""
+        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        _check_ids(ids, self.vocab_size)
+        return b"".join(self._token_bytes[int(i)] for i in ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "hf_tokenizer": json.loads(self.hf.to_str())}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BPETokenizer) and other.hf.to_str() == self.hf.to_str()
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+class StreamDecoder:
+    """Decode ids one at a time for streaming: bytes of an unfinished character wait for the rest."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids: Sequence[int]) -> str:
+        return self._utf8.decode(self.tokenizer.decode_bytes(ids))
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+    def decode_all(self, ids: Iterable[int]) -> Iterator[str]:
+        for i in ids:
+            piece = self.feed([i])
+            if piece:
+                yield piece
+        tail = self.flush()
+        if tail:
+            yield tail
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
-    if not isinstance(d, dict) or d.get("type") != "char" or not isinstance(d.get("chars"), list):
-        raise TokenizerError(f"unsupported tokenizer description (type {d.get('type') if isinstance(d, dict) else None!r})")
-    return CharTokenizer(d["chars"])
+    """Rebuild a tokenizer from its JSON description (see the module docstring for the formats)."""
+    kind = d.get("type") if isinstance(d, dict) else None
+    if kind == "char" and isinstance(d.get("chars"), list):
+        return CharTokenizer(d["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe" and isinstance(d.get("hf_tokenizer"), dict):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            hf = HFTokenizer.from_str(json.dumps(d["hf_tokenizer"]))
+        except Exception as exc:  # the Rust library raises plain Exception on a malformed description
+            raise TokenizerError(f"invalid BPE tokenizer description: {str(exc).splitlines()[0]}") from None
+        return BPETokenizer(hf)
+    raise TokenizerError(f"unsupported tokenizer description (type {kind!r}); expected one of {TOKENIZER_KINDS}")
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:

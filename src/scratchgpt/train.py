@@ -34,10 +34,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ModelConfig, TrainConfig
-from .data import BatchSampler, Dataset, prepare_dataset
+from .data import BatchSampler, Dataset, dataset_from_config
 from .distributed import DistributedContext, all_sum, gather, setup, teardown
 from .errors import CheckpointError, ScratchGPTError, TokenizerError
-from .evaluate import bits_per_character, evaluate_split
+from .evaluate import evaluate_split
 from .model import build_model, count_parameters
 from .optim import configure_optimizer, set_learning_rate
 from .sample import generate
@@ -395,8 +395,12 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
     np.random.seed(tcfg.seed)
     amp = autocast_dtype(tcfg.dtype, device)
 
+    if resumed and resumed[1].kind != config.data.tokenizer:
+        raise CheckpointError(f"cannot resume {out / 'last'} with --tokenizer {config.data.tokenizer}: "
+                              f"the run was trained with the {resumed[1].kind} tokenizer")
     fixed_tokenizer = resumed[1] if resumed else initial[1] if initial else None
-    data = prepare_dataset(config.data.path or None, config.data.val_fraction, tokenizer=fixed_tokenizer)
+    data = dataset_from_config(config.data, tokenizer=fixed_tokenizer, block_size=config.model.block_size,
+                               progress=progress and main, log=say)
     config.model.vocab_size = data.tokenizer.vocab_size
     if resumed:
         _check_same_architecture(resumed_config.model, config.model, out / "last")
@@ -516,11 +520,11 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
                 val = last_losses["val"]
                 improved = val < best_val
                 best_val = min(best_val, val)
-                bpc = bits_per_character(val, len(data.val_ids), data.val_chars)
+                bpc, bpb = data.bits_per_char(val), data.bits_per_byte(val)  # right for tokens of many characters too
                 say(f"step {step}: train loss {last_losses['train']:.4f}, val loss {val:.4f}, "
                     f"val perplexity {math.exp(val):.2f}, val bpc {bpc:.3f}" + (" (best)" if improved else ""))
                 append_metrics({"kind": "eval", "step": step, "train_loss": last_losses["train"], "val_loss": val,
-                                "val_perplexity": math.exp(val), "val_bpc": bpc, "lr": lr,
+                                "val_perplexity": math.exp(val), "val_bpc": bpc, "val_bpb": bpb, "lr": lr,
                                 "elapsed_seconds": elapsed()})
                 if tcfg.sample_tokens and main:
                     text = sample_text(model, data, tcfg.sample_tokens, device)
@@ -543,7 +547,8 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
         save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "interrupted": True})
         full = None
     else:
-        full = evaluate_split(model, data.val_ids, data.val_chars, batch_size=32, device=device)
+        full = evaluate_split(model, data.val_ids, data.val_target_chars, batch_size=32, device=device,
+                              n_bytes=data.val_target_bytes)
         say(f"full validation: loss {full.val_loss:.4f}, perplexity {full.val_perplexity:.2f}, "
             f"bpc {full.val_bpc:.3f} over {full.val_tokens:,} tokens")
         save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "full_val": full.to_dict()})
