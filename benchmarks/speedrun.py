@@ -1,6 +1,10 @@
-"""Run the speedrun preset at a few time budgets and print the full validation loss at each.
+"""Run the speedrun presets at a few time budgets and print the full validation loss at each.
 
     python benchmarks/speedrun.py --data PATH/input.txt --budgets 30 60 600
+
+Budgets up to two minutes use the `speedrun-30s` preset (a small model that learns fast),
+longer ones the `speedrun` preset (a wider model with a longer context); `--preset NAME`
+uses one preset for every budget.
 
 Each budget is a separate `scratchgpt train --preset speedrun --time-budget B` process, timed
 from its start as a stopwatch would, so import time, data loading, training, the final
@@ -38,17 +42,19 @@ def run(budget: float, data: str, preset: str, out: Path, extra: list[str]) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="", help="Tiny Shakespeare's input.txt (default: the cached download)")
-    parser.add_argument("--preset", default="speedrun")
+    parser.add_argument("--preset", default="", help="one preset for every budget (default: by budget)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[30, 60, 600])
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
         for budget in args.budgets:
-            row = run(budget, args.data, args.preset, Path(tmp) / f"run-{budget:g}", extra)
+            preset = args.preset or ("speedrun-30s" if budget <= 120 else "speedrun")
+            row = run(budget, args.data, preset, Path(tmp) / f"run-{budget:g}", extra)
+            row = {"preset": preset, **row}
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
-                print(f"budget {budget:>5g} s: full val loss {row['full_val_loss']:.4f} ({row['full_val_bpc']:.3f} bits/char), "
+                print(f"{preset} budget {budget:>5g} s: full val loss {row['full_val_loss']:.4f} ({row['full_val_bpc']:.3f} bits/char), "
                       f"{row['steps']} steps, {row['tokens_per_second']:,} tokens/s, {row['wall_seconds']} s wall", flush=True)
 
 

@@ -1,9 +1,10 @@
 import math
+import re
 
 import pytest
 import torch
 
-from scratchgpt.config import ModelConfig, config_from_preset
+from scratchgpt.config import ModelConfig, config_from_preset, load_preset, preset_names
 from scratchgpt.errors import ConfigError
 from scratchgpt.model import GPT, Bigram, build_model, count_parameters, manual_attention
 
@@ -46,12 +47,14 @@ def test_parameter_count_by_hand(bias, tied):
     assert count_parameters(model) == gpt_parameter_count(23, 16, 2, 32, 48, bias, tied)
 
 
-@pytest.mark.parametrize("name,expected", [("bigram", 4225), ("cpu-baby", 812_416), ("seed-small", 1_623_552),
-                                           ("shakespeare-char", 10_745_088)])
-def test_preset_parameter_counts_match_their_descriptions(name, expected):
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_parameter_counts_match_their_descriptions(name):
+    """Each preset's description states its size on Tiny Shakespeare; the built model must agree."""
+    stated = re.search(r"([\d,]+) parameters on Tiny Shakespeare", load_preset(name)["description"])
+    assert stated, f"preset {name}'s description does not state its parameter count"
     cfg = config_from_preset(name).model
     cfg.vocab_size = 65
-    assert count_parameters(build_model(cfg)) == expected
+    assert count_parameters(build_model(cfg)) == int(stated.group(1).replace(",", ""))
 
 
 def test_weight_tying_shares_one_matrix():

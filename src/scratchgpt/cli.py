@@ -31,6 +31,7 @@ TRAIN_EXAMPLES = """examples:
   scratchgpt train --preset cpu-baby --data my_text.txt --max-steps 500 --out runs/mine
   scratchgpt train --preset bigram --out runs/bigram
   scratchgpt train --resume runs/baby --max-steps 4000      # continue a run, here for longer
+  scratchgpt train --init-from runs/gpt2 --data my_text.txt --lr 3e-5 --min-lr 3e-6 --out runs/tuned   # fine-tune
 """
 SAMPLE_EXAMPLES = """examples:
   scratchgpt sample --checkpoint runs/baby --prompt "ROMEO:" --max-new-tokens 500
@@ -42,6 +43,18 @@ SAMPLE_EXAMPLES = """examples:
 EVAL_EXAMPLES = """examples:
   scratchgpt eval --checkpoint runs/baby
   scratchgpt eval --checkpoint runs/baby --data my_text.txt --json
+"""
+
+
+MAIN_EXAMPLES = """examples:
+  scratchgpt train --preset cpu-baby --out runs/baby
+  scratchgpt sample --checkpoint runs/baby --prompt "ROMEO:"
+  scratchgpt eval --checkpoint runs/baby
+  scratchgpt COMMAND --help      # each command's options and examples
+"""
+PRESETS_EXAMPLES = """examples:
+  scratchgpt presets
+  scratchgpt train --preset shakespeare-char --out runs/big      # train one of them
 """
 
 
@@ -83,7 +96,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="scratchgpt", description="A GPT built from scratch: train it on text, then sample from it.")
+    parser = _Parser(prog="scratchgpt", description="A GPT built from scratch: train it on text, then sample from it.",
+                     epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"scratchgpt {__import__('scratchgpt').__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
@@ -127,10 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(commands)
     _add_serve_parser(commands)
 
-    commands.add_parser("presets", help="list the presets", description="List the presets shipped with scratchgpt.")
+    commands.add_parser("presets", help="list the presets", description="List the presets shipped with scratchgpt.",
+                        epilog=PRESETS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_interop_parsers(commands)
     return parser
 
 
+BENCH_EXAMPLES = """examples:
+  scratchgpt bench train --preset cpu-baby
+  scratchgpt bench train --help      # its options
+"""
 BENCH_TRAIN_EXAMPLES = """examples:
   scratchgpt bench train --preset cpu-baby --json
   scratchgpt bench train --preset cpu-baby --compile --steps 60     # measure a setting against fp32 eager
@@ -138,7 +158,8 @@ BENCH_TRAIN_EXAMPLES = """examples:
 
 
 def _add_bench_parser(commands) -> None:
-    bench = commands.add_parser("bench", help="measure speed", description="Measure training or sampling speed.")
+    bench = commands.add_parser("bench", help="measure speed", description="Measure training or sampling speed.",
+                                epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser, metavar="WHAT")
     p = kinds.add_parser("train", help="tokens/s of complete training steps, against fp32 eager in the same run",
                          epilog=BENCH_TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -193,6 +214,61 @@ def _add_serve_parser(commands) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
 
 
+EXPORT_EXAMPLES = """examples:
+  scratchgpt export --checkpoint runs/baby --format hf --out hf/baby
+  python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf/baby')"
+"""
+IMPORT_EXAMPLES = """examples:
+  scratchgpt import --format hf --from hf/baby --out runs/baby-again
+  scratchgpt import --format hf --from ~/models/gpt2 --out runs/gpt2      # a GPT-2 directory on disk
+  scratchgpt import --format hf --from weights/ --tokenizer runs/baby/best/tokenizer.json --out runs/mine
+  scratchgpt train --init-from runs/gpt2 --data my_text.txt --lr 3e-5 --min-lr 3e-6 --out runs/tuned   # then fine-tune
+"""
+
+
+def _add_interop_parsers(commands) -> None:
+    p = commands.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory", epilog=EXPORT_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Write a checkpoint as a directory that transformers' GPT2LMHeadModel.from_pretrained "
+                                        "loads, with the same logits. Only the classic GPT-2 architecture exports.")
+    p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
+    p.add_argument("--format", default="hf", choices=["hf"], help="hf: Hugging Face transformers GPT-2 (default)")
+    p.add_argument("--out", required=True, help="the directory to write (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace what is already in --out")
+
+    p = commands.add_parser("import", help="make a checkpoint from a Hugging Face GPT-2 directory", epilog=IMPORT_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Convert a GPT2LMHeadModel directory (config.json with model.safetensors or "
+                                        "pytorch_model.bin) into a scratchgpt checkpoint for sample, eval and train --init-from.")
+    p.add_argument("--format", default="hf", choices=["hf"], help="hf: Hugging Face transformers GPT-2 (default)")
+    p.add_argument("--from", dest="source", required=True, metavar="DIR", help="the Hugging Face model directory")
+    p.add_argument("--out", required=True, help="the checkpoint directory to write (must be new or empty)")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="the vocabulary, when DIR has none: a scratchgpt tokenizer.json or checkpoint, or an HF tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace what is already in --out")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .hf import export_hf
+
+    result = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {result.out_dir}: config.json, model.safetensors, {', '.join(result.tokenizer_files + ['README.md'])}")
+    print(f"load it: GPT2LMHeadModel.from_pretrained({str(result.out_dir)!r}) (pip install 'scratchgpt[hf]')")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .hf import import_hf
+
+    out = import_hf(args.source, args.out, tokenizer_path=args.tokenizer, overwrite=args.overwrite)
+    print(f"wrote checkpoint {out}")
+    print(f"sample from it: scratchgpt sample --checkpoint {out}")
+    print(f"fine-tune it:   scratchgpt train --init-from {out} --data TEXT --lr 3e-5 --min-lr 3e-6 --out RUN_DIR")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -226,6 +302,20 @@ def _process_start() -> float:
         return time.perf_counter()
 
 
+def _check_init_from(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> None:
+    """--init-from takes the model's shape from its checkpoint: refuse flags that would change it."""
+    init_from = overrides["train"].get("init_from")
+    if not init_from:
+        return
+    if args.resume:
+        raise ScratchGPTError("--init-from starts a new run from a checkpoint's weights; --resume continues a run: use one")
+    shape = sorted(name for name in overrides["model"] if name not in ("dropout", "attention"))
+    if shape:
+        flag = "--" + shape[0].replace("_", "-")
+        raise ScratchGPTError(f"{flag} cannot be combined with --init-from: the model's shape comes from {init_from} "
+                              "(only --dropout and --attention may change)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import read_config
     from .config import Config
@@ -233,6 +323,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     overrides = _overrides(args)
+    _check_init_from(args, overrides)
     if args.resume:
         if args.preset:
             raise ScratchGPTError("--preset cannot be combined with --resume: the run keeps its own config (override single fields instead)")
@@ -380,7 +471,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "presets": cmd_presets,
-               "serve": cmd_serve}[args.command]
+               "serve": cmd_serve, "export": cmd_export, "import": cmd_import}[args.command]
     try:
         return handler(args)
     except ScratchGPTError as exc:

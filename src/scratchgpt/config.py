@@ -22,7 +22,7 @@ MODEL_TYPES = ("gpt", "bigram")
 ATTENTION_IMPLS = ("sdpa", "manual")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-ACTIVATIONS = ("gelu", "relu2", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu2", "swiglu")
 OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -54,7 +54,9 @@ class ModelConfig:
     position: str = "learned"  # "learned" position embeddings, or "rope" (rotary, in attention)
     rope_base: float = 10000.0
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
-    activation: str = "gelu"  # MLP nonlinearity: "gelu", "relu2" (squared ReLU) or "swiglu"
+    # MLP nonlinearity: "gelu" (exact, erf), "gelu_tanh" (GPT-2's tanh approximation),
+    # "relu2" (squared ReLU) or "swiglu"
+    activation: str = "gelu"
     zero_init_proj: bool = False  # start every residual branch's output projection at zero
 
     def __post_init__(self) -> None:
@@ -118,6 +120,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' matrices, AdamW for the rest
     muon_lr: float = 0.02  # Muon's learning rate at the top of the schedule (follows the same schedule)
     muon_momentum: float = 0.95
+    # Fine-tuning: a checkpoint whose weights and tokenizer start this run. The model's shape
+    # comes from it (only dropout and attention are taken from this config). "": from scratch.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters"):

@@ -176,7 +176,8 @@ class MLP(nn.Module):
         # SwiGLU computes a gate and a value, so its first layer is twice as wide.
         width_out = 2 * config.mlp_width if config.activation == "swiglu" else config.mlp_width
         self.c_fc = nn.Linear(config.n_embd, width_out, bias=config.bias)
-        self.gelu = nn.GELU()
+        # GPT-2 itself used the tanh approximation of GELU; weights imported from it need that one.
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

@@ -1,19 +1,93 @@
 """Optimizers: AdamW for everything, or Muon for the blocks' matrices with AdamW for the rest.
 
-Muon (Jordan et al., 2024; `torch.optim.Muon`) replaces each 2-D update by the nearest
-semi-orthogonal matrix of its momentum (a few Newton-Schulz iterations), which trains hidden
-matrices faster per step than AdamW. Embeddings, the LM head, norms and biases are not hidden
-matrices and stay with AdamW. Both follow the same schedule: each parameter group carries an
-`lr_scale` that multiplies the scheduled learning rate.
+Muon (Jordan et al., 2024) replaces each 2-D update by the nearest semi-orthogonal matrix of
+its momentum (a few Newton-Schulz iterations), which trains hidden matrices faster per step
+than AdamW. Embeddings, the LM head, norms and biases are not hidden matrices and stay with
+AdamW. Both follow the same schedule: each parameter group carries an `lr_scale` that
+multiplies the scheduled learning rate.
+
+`Muon` here computes the same update as `torch.optim.Muon` (the reference; a test checks they
+agree), but runs the Newton-Schulz iterations of all matrices of one shape as one batched
+matmul. A small model has many small matrices, and on a CPU the per-call cost of sixteen
+separate small matmuls per iteration is most of the optimizer's time.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from typing import Any
 
 import torch
 
 from .config import TrainConfig
+
+# The quintic Newton-Schulz coefficients of torch.optim.Muon (and of Jordan et al.'s Muon).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise each matrix of a (..., rows, cols) stack, in bfloat16.
+
+    Scaled to unit Frobenius norm (so every singular value is at most 1), X is pushed towards
+    U V^T by X <- a X + (b A + c A^2) X with A = X X^T. The iteration works on the wide
+    orientation, so that A is the smaller Gram matrix.
+    """
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    flat = x.reshape(-1, *x.shape[-2:])  # (n, rows, cols): baddbmm wants exactly one batch dim
+    for _ in range(steps):
+        gram = flat @ flat.mT  # (n, rows, rows)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        flat = torch.baddbmm(flat, poly, flat, beta=a)  # a X + (b A + c A^2) X
+    x = flat.reshape(x.shape)
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters: Nesterov momentum, orthogonalised update, decoupled weight decay.
+
+    The update of torch.optim.Muon (default settings), with matrices of one shape stacked.
+    """
+
+    def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, eps=eps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+            by_shape: dict[torch.Size, list[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.dim() != 2:
+                        raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
+                    by_shape[p.shape].append(p)
+            for shape, params in by_shape.items():
+                grads = [p.grad for p in params]
+                bufs = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(state["momentum_buffer"])
+                torch._foreach_lerp_(bufs, grads, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
+                updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+                ortho = newton_schulz(torch.stack(updates), group["ns_steps"], group["eps"])  # (n, rows, cols)
+                # Tall matrices get a larger step, so that the update's RMS does not depend on the shape.
+                scaled_lr = lr * math.sqrt(max(1.0, shape[0] / shape[1]))
+                if weight_decay:
+                    torch._foreach_mul_(params, 1 - lr * weight_decay)
+                torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(ortho.unbind(0), params, strict=True)],
+                                    alpha=-scaled_lr)
+
 
 
 class MultiOptimizer:
@@ -59,10 +133,12 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
         {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
     groups = [g for g in groups if g["params"]]
-    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda" or None)
+    # The fused kernel takes all tensors in one call: 5x less optimizer time than foreach on a CPU.
+    # (measured 0.6 vs 3.2 ms CPU per step for the cpu-baby model)
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu") or None)
     if not hidden:
         return adamw
-    muon = torch.optim.Muon(
+    muon = Muon(
         [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.learning_rate}],
         lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=True,
     )

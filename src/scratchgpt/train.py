@@ -191,7 +191,7 @@ def _final_eval_seconds(model: torch.nn.Module, data: Dataset, cfg: Config, devi
     model.train(was_training)
     full_batches = math.ceil((len(data.val_ids) - 1) / block / 32)
     estimate_batches = 2 * cfg.train.eval_iters * cfg.train.batch_size / 32
-    return 1.3 * per_batch * (full_batches + estimate_batches) + 2.0  # + saving and plotting
+    return 1.15 * per_batch * (full_batches + estimate_batches) + 1.0  # + saving and plotting
 
 
 def sample_text(model: torch.nn.Module, data: Dataset, n_tokens: int, device: torch.device, seed: int = 0) -> str:
@@ -309,17 +309,15 @@ def _prune_periodic(out: Path, keep: int) -> None:
 
 
 def _plot_metrics(metrics_path: Path, png_path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a bare Figure draws to a file without pyplot, leaving the caller's backend alone (notebooks)
+        from matplotlib.figure import Figure
     except ImportError:
         return False
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), alpha=0.35, label="train (per step)")
     if evals:
@@ -332,7 +330,6 @@ def _plot_metrics(metrics_path: Path, png_path: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -385,18 +382,27 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
             say(f"note: {last} was saved by {train_state.get('world_size', 1)} process(es), resuming with "
                 f"{dist_ctx.world_size}: the run continues, but not bit for bit")
 
+    initial = None  # fine-tuning: (model, tokenizer) of the checkpoint the run starts from
+    if tcfg.init_from and not resume:
+        initial_model, initial_tokenizer, initial_config, _ = load_checkpoint(tcfg.init_from)
+        initial = (initial_model, initial_tokenizer)
+        # The weights fix the network's shape; dropout and the attention kernel stay free.
+        config.model = ModelConfig(**{**asdict(initial_config.model), "dropout": config.model.dropout,
+                                      "attention": config.model.attention})
+
     torch.manual_seed(tcfg.seed + dist_ctx.rank)  # dropout masks differ between replicas
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     amp = autocast_dtype(tcfg.dtype, device)
 
-    data = prepare_dataset(config.data.path or None, config.data.val_fraction, tokenizer=resumed[1] if resumed else None)
+    fixed_tokenizer = resumed[1] if resumed else initial[1] if initial else None
+    data = prepare_dataset(config.data.path or None, config.data.val_fraction, tokenizer=fixed_tokenizer)
     config.model.vocab_size = data.tokenizer.vocab_size
     if resumed:
         _check_same_architecture(resumed_config.model, config.model, out / "last")
     model = build_model(config.model).to(device)
-    if resumed:
-        model.load_state_dict(resumed[0].state_dict())
+    if resumed or initial:
+        model.load_state_dict((resumed or initial)[0].state_dict())
     optimizer = configure_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     sampler = BatchSampler(data.train_ids, config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device,
