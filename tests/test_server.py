@@ -130,6 +130,8 @@ def test_bad_requests_get_400_with_a_json_message(served, body, message):
     response = post(url, **body)
     assert response.status_code == 400
     assert message in response.json()["error"]["message"]
+    if "temperature" in body or "top_p" in body:  # the field at fault, as OpenAI names it
+        assert response.json()["error"]["param"] == next(k for k in ("temperature", "top_p") if k in body)
     response = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and "error" in response.json()
 

@@ -40,7 +40,7 @@ SAMPLE_EXAMPLES = """examples:
   scratchgpt sample --checkpoint runs/baby --prompt "ROMEO:" --max-new-tokens 500
   scratchgpt sample --checkpoint runs/baby --temperature 0.8 --top-k 40 --top-p 0.95 --seed 1
   scratchgpt sample --checkpoint runs/baby/last --temperature 0     # greedy
-  scratchgpt sample --checkpoint runs/baby --num-samples 4 --stop "\n\n" --repetition-penalty 1.2
+  scratchgpt sample --checkpoint runs/baby --num-samples 4 --stop $'\\n\\n' --repetition-penalty 1.2
   scratchgpt sample --checkpoint runs/baby --temperature 0 --no-kv-cache   # the slow reference path, same text
 """
 EVAL_EXAMPLES = """examples:
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="continuations decoded together in one batch (the first streams)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less likely")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample where TEXT appears (not included); repeatable")
+                   help="end a sample where TEXT appears (not included); repeatable; in bash $'\\n' is a newline")
     p.add_argument("--no-kv-cache", action="store_true", help="full forward pass per token: the slow reference path")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
 

@@ -41,6 +41,10 @@ from .sample import repetition_penalty_filter, sample_next
 class SamplingError(ScratchGPTError, ValueError):
     """A sampling setting is out of range: a negative temperature, top_p outside (0, 1], ..."""
 
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the setting at fault, as the caller spells it
+
 
 def default_keep(block_size: int) -> int:
     """How many of the most recent tokens the window keeps when it jumps: 3/4 of block_size."""
@@ -241,7 +245,7 @@ class SamplingSettings:
 
         def check(ok: bool, field_name: str, rule: str, value: object) -> None:
             if not ok:
-                raise SamplingError(f"{name(field_name)} must be {rule}, got {value!r}")
+                raise SamplingError(f"{name(field_name)} must be {rule}, got {value!r}", name(field_name))
 
         check(self.max_new_tokens >= 0, "max_new_tokens", ">= 0", self.max_new_tokens)
         check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", ">= 0 (0 is greedy)", self.temperature)

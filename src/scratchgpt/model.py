@@ -62,10 +62,6 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys.size(1)
 
-    @property
-    def capacity(self) -> int:
-        return self.keys.size(3)
-
     def reset(self) -> None:
         """Forget every cached position (the memory stays allocated)."""
         self.length = 0

@@ -174,7 +174,7 @@ def create_app(model: torch.nn.Module, tokenizer, model_name: str = "scratchgpt"
             settings.validate(REQUEST_NAMES)
             tokenizer.encode(prompt)
         except SamplingError as exc:
-            raise BadRequest(str(exc)) from None
+            raise BadRequest(str(exc), exc.param) from None
         except TokenizerError as exc:
             raise BadRequest(f"prompt: {exc}", "prompt") from None
         return prompt, settings
