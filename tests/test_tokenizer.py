@@ -116,6 +116,18 @@ def test_bpe_from_hf_wraps_a_tokenizers_object_and_refuses_other_models():
         BPETokenizer.train(["abc"], vocab_size=100)
 
 
+def test_bpe_from_hf_keeps_added_special_tokens_as_text():
+    """GPT-2's tokenizer carries <|endoftext|> as an added token: its id decodes to its text."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_str(small_bpe().hf.to_str())
+    hf.add_special_tokens(["<|endoftext|>"])
+    tok = BPETokenizer.from_hf(hf)
+    eot = hf.token_to_id("<|endoftext|>")
+    assert tok.vocab_size == 301 and eot == 300
+    assert tok.decode(tok.encode("the cat") + [eot]) == "the cat<|endoftext|>"
+
+
 def test_bpe_decode_agrees_with_the_hf_decoder():
     tok = small_bpe()
     ids = tok.encode(TRAINING_TEXT[:500])
