@@ -7,9 +7,9 @@ AdamW. Both follow the same schedule: each parameter group carries an `lr_scale`
 multiplies the scheduled learning rate.
 
 `Muon` here computes the same update as `torch.optim.Muon` (the reference; a test checks they
-agree), but runs the Newton-Schulz iterations of all matrices of one shape as one batched
-matmul. A small model has many small matrices, and on a CPU the per-call cost of sixteen
-separate small matmuls per iteration is most of the optimizer's time.
+agree), written out so that it works with every torch the package supports (torch.optim.Muon
+only exists in recent releases) and so that a reader can see the whole algorithm. It runs the
+Newton-Schulz iterations of all matrices of one shape as one batched matmul.
 """
 
 from __future__ import annotations
