@@ -109,7 +109,9 @@ def test_corrupted_weights_are_refused(trained_run, tmp_path, capsys):
 
 def test_unknown_prompt_character_is_named(trained_run, capsys):
     assert main(["sample", "--checkpoint", str(trained_run), "--prompt", "the Ω"]) == 1
-    assert "'Ω'" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "'Ω'" in captured.err
+    assert captured.out == ""  # refused before the prompt is echoed
 
 
 @pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "0"], ["--max-new-tokens", "-1"]])

@@ -380,6 +380,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ScratchGPTError("--prompt must not be empty (the default is a newline)")
     device = resolve_device(args.device)
     model, tokenizer, _, _ = load_checkpoint(args.checkpoint, device)
+    tokenizer.encode(args.prompt)  # refuse an unknown character before anything is printed
     # The samples are decoded together in one batch: the first streams, the others print at the end.
     others: list[list[str]] = [[] for _ in range(args.num_samples)]
     sys.stdout.write(args.prompt)
