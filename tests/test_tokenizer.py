@@ -2,6 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from scratchgpt.engine import TextStream
 from scratchgpt.errors import TokenizerError
 from scratchgpt.tokenizer import CharTokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
 
@@ -56,7 +57,6 @@ from hypothesis import settings  # noqa: E402
 from scratchgpt.tokenizer import (  # noqa: E402
     BPETokenizer,
     ByteTokenizer,
-    StreamDecoder,
     Tokenizer,
     byte_level_alphabet,
 )
@@ -150,11 +150,17 @@ def test_byte_level_alphabet_is_gpt2s():
     assert "".join(table[b] for b in "é".encode()) == "Ã©"
 
 
-def test_stream_decoder_holds_back_partial_characters():
-    stream = StreamDecoder(ByteTokenizer())
-    assert [stream.feed([b]) for b in "é!".encode()] == ["", "é", "!"]
-    stream.feed([0xE4])
-    assert stream.flush() == "\ufffd"
+def streamed(tokenizer, ids) -> str:
+    """The text that engine.TextStream releases, one token at a time, then at the end."""
+    stream = TextStream(tokenizer)
+    return "".join(stream.add(i).text for i in ids) + stream.finish().text
+
+
+def test_stream_holds_back_partial_characters():
+    stream = TextStream(ByteTokenizer())
+    assert [stream.add(b).text for b in "é!".encode()] == ["", "é", "!"]
+    stream.add(0xE4)  # the first of three bytes: nothing final yet
+    assert stream.finish().text == "\ufffd"
 
 
 @given(st.text())
@@ -175,13 +181,13 @@ def test_bpe_round_trip_any_unicode(text):
 @given(st.lists(st.integers(0, 255)))
 def test_byte_decode_never_fails_and_streams_the_same(ids):
     tok = ByteTokenizer()
-    assert "".join(StreamDecoder(tok).decode_all(ids)) == tok.decode(ids) == bytes(ids).decode("utf-8", "replace")
+    assert streamed(tok, ids) == tok.decode(ids) == bytes(ids).decode("utf-8", "replace")
 
 
 @given(st.lists(st.integers(0, 299)))
 def test_bpe_decode_of_any_ids_never_fails_and_streams_the_same(ids):
     tok = small_bpe()
-    assert "".join(StreamDecoder(tok).decode_all(ids)) == tok.decode(ids)
+    assert streamed(tok, ids) == tok.decode(ids)
 
 
 def test_char_decode_refuses_ids_outside_the_vocabulary():

@@ -16,15 +16,14 @@ Each is saved as JSON in a checkpoint's tokenizer.json:
     {"type": "bpe", "hf_tokenizer": {...the JSON of tokenizers.Tokenizer.to_str()...}}
 
 Byte-level ids can end in the middle of a UTF-8 character (a sample cut short, one token of a
-stream), so `decode` replaces incomplete bytes with U+FFFD instead of failing, and
-`StreamDecoder` holds them back until the character is complete.
+stream), so `decode` replaces incomplete bytes with U+FFFD instead of failing; when streaming,
+`engine.TextStream` holds them back until the character is complete.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -247,30 +246,6 @@ class BPETokenizer:
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
-
-
-class StreamDecoder:
-    """Decode ids one at a time for streaming: bytes of an unfinished character wait for the rest."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, ids: Sequence[int]) -> str:
-        return self._utf8.decode(self.tokenizer.decode_bytes(ids))
-
-    def flush(self) -> str:
-        """What is still held back (an incomplete character becomes U+FFFD)."""
-        return self._utf8.decode(b"", final=True)
-
-    def decode_all(self, ids: Iterable[int]) -> Iterator[str]:
-        for i in ids:
-            piece = self.feed([i])
-            if piece:
-                yield piece
-        tail = self.flush()
-        if tail:
-            yield tail
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
