@@ -16,6 +16,7 @@ weights map one to one onto other GPT-2 implementations.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -42,6 +43,48 @@ def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     weights = F.softmax(scores, dim=-1)
     weights = F.dropout(weights, p=dropout_p, training=training)
     return weights @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
+
+
+class Linear(nn.Linear):
+    """nn.Linear, with a faster path for the few rows of a cached decoding step on CPU.
+
+    Decoding one token multiplies a single row by every weight matrix: the step streams the
+    weights from memory and computes little. PyTorch hands a (1, in) @ (in, out) product to a
+    general matrix-multiply kernel that ran at about 10 GB/s here on one thread; the same
+    product as a batch of matrix-vector products over the weight's row blocks (`bmm`, which
+    splits the batch between threads) ran 3-4x faster (benchmarks/bench_sample.py,
+    BENCHMARKS.md). Only inference takes the path (no autograd), and only for up to 8 rows,
+    beyond which the general kernel catches up. The result equals F.linear up to the order of
+    the additions, which `test_linear_row_path_equals_f_linear` checks.
+    """
+
+    MAX_ROWS = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows <= self.MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == self.weight.dtype:
+            parts = row_blocks(self.out_features)
+            if parts > 1:
+                return rows_times_weight(x, self.weight, self.bias, parts)
+        return super().forward(x)
+
+
+def row_blocks(out_features: int) -> int:
+    """Into how many equal row blocks to cut a weight: one per thread if they divide it, else 2, else 1."""
+    for parts in (torch.get_num_threads(), 2):
+        if parts > 1 and out_features % parts == 0:
+            return parts
+    return 1
+
+
+def rows_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
+    """x @ weight.T + bias for a few rows x (..., in), as `parts` matrix-vector products in one bmm."""
+    out_features, in_features = weight.shape
+    rows = x.reshape(-1, in_features)  # (N, in)
+    blocks = weight.view(parts, out_features // parts, in_features)  # (p, out/p, in), no copy
+    y = torch.bmm(blocks, rows.t().expand(parts, -1, -1))  # (p, out/p, in) @ (p, in, N) -> (p, out/p, N)
+    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], out_features)  # (N, p, out/p) -> (..., out)
+    return y + bias if bias is not None else y
 
 
 class KVCache:
@@ -131,8 +174,8 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope_tables(config.head_size, config.block_size, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # derived from the config, not saved
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -153,18 +196,31 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # keys and values are cached after RoPE, so each is rotated once
             k, v = cache.update(layer, k, v)  # (B, nh, T, hs) -> (B, nh, start + T, hs)
         dropout_p = self.dropout if self.training else 0.0
+        in_dtype = q.dtype
+        fp32_attention = self.use_sdpa and q.device.type == "cpu" and in_dtype == torch.bfloat16
+        if fp32_attention:
+            # PyTorch's CPU flash attention is about 4x slower in bfloat16 than in float32 at
+            # these sizes (benchmarks/bench_attention.py): attend in float32, return bfloat16.
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
+            y = self._attend(q, k, v, start, dropout_p)
+        y = y.to(in_dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout_p: float) -> torch.Tensor:
+        """Causal attention of T queries at positions start.. over start + T keys: (B, nh, T, hs)."""
+        T = q.size(2)
         if self.use_sdpa:
             if start == 0:  # square: the usual causal triangle
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
             elif T == 1:  # one new token sees every cached one: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
             else:  # several new tokens after cached ones (sdpa's is_causal would align the triangle top-left)
-                mask = causal_mask(T, k.size(2), x.device)
+                mask = causal_mask(T, k.size(2), q.device)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
             y = manual_attention(q, k, v, dropout_p=dropout_p, training=self.training)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return y
 
 
 class MLP(nn.Module):
@@ -175,10 +231,10 @@ class MLP(nn.Module):
         self.activation = config.activation
         # SwiGLU computes a gate and a value, so its first layer is twice as wide.
         width_out = 2 * config.mlp_width if config.activation == "swiglu" else config.mlp_width
-        self.c_fc = nn.Linear(config.n_embd, width_out, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, width_out, bias=config.bias)
         # GPT-2 itself used the tanh approximation of GELU; weights imported from it need that one.
         self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
-        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +282,7 @@ class GPT(nn.Module):
             ln_f=make_norm(config),
         )
         self.transformer = nn.ModuleDict(layers)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # The same matrix reads tokens in and writes logits out (Press & Wolf, 2017).
             self.lm_head.weight = self.transformer.wte.weight
