@@ -216,3 +216,59 @@ def test_time_budget_too_short_is_refused(tmp_path, small_corpus):
 
     with pytest.raises(ScratchGPTError, match="too short"):
         train(tiny_config(small_corpus, max_steps=0, time_budget=0.01), tmp_path / "run", progress=False)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, small_corpus, monkeypatch):
+    """torch.compile fails lazily, at the first batch; the run warns, trains eager and matches an eager run."""
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("simulated: the C++ compiler crashed\nsecond line")
+
+    monkeypatch.setattr(train_module, "cpp_compiler_missing", lambda device: None)
+    monkeypatch.setattr(train_module.torch, "compile", lambda model: Broken())
+    messages = []
+    compiled = train(tiny_config(small_corpus, max_steps=6, compile=True), tmp_path / "c", progress=False, log=messages.append)
+    eager = train(tiny_config(small_corpus, max_steps=6), tmp_path / "e", progress=False)
+    warnings = [m for m in messages if "torch.compile failed" in m]
+    assert len(warnings) == 1 and "simulated: the C++ compiler crashed" in warnings[0] and "second line" not in warnings[0]
+    assert compiled.full_val_loss == eager.full_val_loss
+
+
+def test_compile_errors_after_a_good_first_call_are_raised():
+    class Flaky(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 1:
+                raise ValueError("a real error in step 2")
+            return x
+
+    wrapper = train_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
+    wrapper.compiled = Flaky()
+    assert wrapper(torch.ones(1)) is not None
+    with pytest.raises(ValueError, match="step 2"):
+        wrapper(torch.ones(1))
+
+
+def test_missing_cpp_compiler_is_detected_and_skips_compile(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    reason = train_module.cpp_compiler_missing(cpu)
+    assert reason is not None and "C++ compiler" in reason
+    messages = []
+    model = torch.nn.Linear(2, 2)
+    assert train_module.compile_model(model, cpu, messages.append) is model
+    assert len(messages) == 1 and "training without it" in messages[0]
+    assert train_module.cpp_compiler_missing(torch.device("meta")) is None  # only CPU builds C++ kernels
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, small_corpus):
+    """A real torch.compile run (about a minute to compile) ends where the eager run does."""
+    compiled = train(tiny_config(small_corpus, max_steps=10, compile=True), tmp_path / "c", progress=False)
+    eager = train(tiny_config(small_corpus, max_steps=10), tmp_path / "e", progress=False)
+    assert compiled.full_val_loss == pytest.approx(eager.full_val_loss, abs=1e-3)

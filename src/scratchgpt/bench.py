@@ -13,6 +13,7 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from .train import (
     accumulate_gradients,
     apply_gradients,
     autocast_dtype,
+    compile_model,
     resolve_device,
 )
 
@@ -48,7 +50,7 @@ class _Runner:
         self.amp = autocast_dtype(tcfg.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.sampler = BatchSampler(self.data.train_ids, self.config.model.block_size, tcfg.batch_size, tcfg.seed, self.device)
-        self.step_model = torch.compile(self.model) if tcfg.compile else self.model
+        self.step_model = compile_model(self.model, self.device, lambda msg: print(msg, file=sys.stderr)) if tcfg.compile else self.model
         self.times: list[float] = []
 
     def step(self) -> float:
@@ -90,7 +92,7 @@ def bench_train(config: Config, steps: int = 40, warmup: int = 5, block: int = 5
         "settings": {
             "device": device.type,
             "autocast": str(amp).replace("torch.", "") if amp else "off",
-            "compile": config.train.compile,
+            "compile": config.train.compile and getattr(runners[0].step_model, "compiled", None) is not None,
             "threads": torch.get_num_threads(),
             "batch_size": config.train.batch_size,
             "block_size": config.model.block_size,

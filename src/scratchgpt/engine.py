@@ -69,7 +69,7 @@ class Step:
     logits: torch.Tensor  # (N, V), before penalties, temperature and filters
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode(
     model: torch.nn.Module,
     idx: torch.Tensor,

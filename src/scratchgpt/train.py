@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -113,6 +114,58 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and cpu_supports_bf16():
         return torch.bfloat16
     return None
+
+
+def cpp_compiler_missing(device: torch.device) -> str | None:
+    """Why torch.compile cannot work on this CPU machine (no C++ compiler), or None if it may."""
+    if device.type != "cpu":
+        return None
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # inductor raises its own error type when no compiler is found
+        return f"no C++ compiler for torch.compile ({type(exc).__name__}); install g++ or set CXX"
+    return None
+
+
+class CompiledOrEager(nn.Module):
+    """`torch.compile(model)`, falling back to `model` itself if compiling fails on the first call.
+
+    torch.compile is lazy: a missing compiler or an unsupported operation shows up only when
+    the first batch runs. Rather than lose the run, the fallback warns once and trains eager,
+    which computes the same function. Errors after a successful first call are raised as usual.
+    """
+
+    def __init__(self, model: nn.Module, warn: Callable[[str], None]):
+        super().__init__()
+        self.model = model
+        self.warn = warn
+        self.compiled: Callable | None = torch.compile(model)
+        self.compiled_once = False
+
+    def forward(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                out = self.compiled(*args, **kwargs)
+                self.compiled_once = True
+                return out
+            except Exception as exc:
+                if self.compiled_once:
+                    raise
+                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                self.warn(f"warning: torch.compile failed ({type(exc).__name__}: {first_line}); training without it")
+                self.compiled = None
+        return self.model(*args, **kwargs)
+
+
+def compile_model(model: nn.Module, device: torch.device, warn: Callable[[str], None]) -> nn.Module:
+    """The model to step: compiled where a compiler exists, else the eager model with a warning."""
+    missing = cpp_compiler_missing(device)
+    if missing:
+        warn(f"warning: {missing}; training without it")
+        return model
+    return CompiledOrEager(model, warn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +469,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
         _restore_rng(resumed[3], sampler, dist_ctx)
         if "grad_scaler" in resumed[3] and scaler.is_enabled():
             scaler.load_state_dict(resumed[3]["grad_scaler"])
-    step_model = torch.compile(model) if tcfg.compile else model
+    step_model = compile_model(model, device, say) if tcfg.compile else model
     if dist_ctx.enabled:
         step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = count_parameters(model)
