@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scratchgpt.model import manual_attention
 
 # (batch, heads, context, head size) of the presets that train with bf16 autocast
-SHAPES = {"cpu-baby": (12, 4, 64, 32), "speedrun-30s": (16, 4, 64, 32), "speedrun": (24, 4, 128, 48)}
+SHAPES = {"cpu-baby": (12, 4, 64, 32), "speedrun-30s": (16, 4, 64, 32), "speedrun": (12, 4, 256, 48)}
 
 
 def sdpa(q, k, v):
