@@ -52,7 +52,7 @@ class Linear(nn.Linear):
     weights from memory and computes little. PyTorch hands a (1, in) @ (in, out) product to a
     general matrix-multiply kernel that ran at about 10 GB/s here on one thread; the same
     product as a batch of matrix-vector products over the weight's row blocks (`bmm`, which
-    splits the batch between threads) ran 3-4x faster (benchmarks/bench_matvec.py,
+    splits the batch between threads) ran 2.7x faster (benchmarks/bench_matvec.py,
     BENCHMARKS.md). Only inference takes the path (no autograd), and only for up to 4 rows,
     beyond which the general kernel catches up. The result equals F.linear up to the order of
     the additions, which `test_linear_row_path_equals_f_linear` checks.
