@@ -235,6 +235,49 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, small_corp
     assert compiled.full_val_loss == eager.full_val_loss
 
 
+def test_a_failing_compiled_backward_falls_back_to_eager(tmp_path, small_corpus, monkeypatch):
+    """torch.compile builds the backward graph in the first backward pass; if that fails, the
+    run warns once, redoes the batch eagerly and ends where an eager run ends."""
+
+    class FailsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("simulated: the backward graph did not compile\nsecond line")
+
+    class ForwardOnly(torch.nn.Module):  # stands in for a compiled model whose backward cannot compile
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, y):
+            logits, loss = self.model(x, y)
+            return logits, FailsInBackward.apply(loss)
+
+    monkeypatch.setattr(train_module, "cpp_compiler_missing", lambda device: None)
+    monkeypatch.setattr(train_module.torch, "compile", ForwardOnly)
+    messages = []
+    compiled = train(tiny_config(small_corpus, max_steps=6, compile=True, grad_accum_steps=2), tmp_path / "c",
+                     progress=False, log=messages.append)
+    eager = train(tiny_config(small_corpus, max_steps=6, grad_accum_steps=2), tmp_path / "e", progress=False)
+    warnings = [m for m in messages if "torch.compile failed" in m]
+    assert len(warnings) == 1 and "backward graph did not compile" in warnings[0] and "second line" not in warnings[0]
+    assert compiled.full_val_loss == eager.full_val_loss
+
+
+def test_backward_errors_after_a_good_first_backward_are_raised():
+    wrapper = train_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
+    wrapper.backward_once = True
+    assert not wrapper.recover_from_backward_error(RuntimeError("a real error in step 2"))
+    assert wrapper.compiled is not None  # still compiled: the error is the caller's to raise
+    wrapper.backward_once = False
+    wrapper.compiled = None  # already eager: nothing to fall back to
+    assert not wrapper.recover_from_backward_error(RuntimeError("eager error"))
+
+
 def test_compile_errors_after_a_good_first_call_are_raised():
     class Flaky(torch.nn.Module):
         calls = 0

@@ -133,8 +133,9 @@ class CompiledOrEager(nn.Module):
     """`torch.compile(model)`, falling back to `model` itself if compiling fails on the first call.
 
     torch.compile is lazy: a missing compiler or an unsupported operation shows up only when
-    the first batch runs. Rather than lose the run, the fallback warns once and trains eager,
-    which computes the same function. Errors after a successful first call are raised as usual.
+    the first batch runs, in the forward pass or, for the backward graph, in the first
+    backward pass. Rather than lose the run, the fallback warns once and trains eager, which
+    computes the same function. Errors after a successful first call are raised as usual.
     """
 
     def __init__(self, model: nn.Module, warn: Callable[[str], None]):
@@ -143,6 +144,7 @@ class CompiledOrEager(nn.Module):
         self.warn = warn
         self.compiled: Callable | None = torch.compile(model)
         self.compiled_once = False
+        self.backward_once = False  # set by the training step after a backward pass succeeds
 
     def forward(self, *args, **kwargs):
         if self.compiled is not None:
@@ -153,10 +155,23 @@ class CompiledOrEager(nn.Module):
             except Exception as exc:
                 if self.compiled_once:
                     raise
-                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-                self.warn(f"warning: torch.compile failed ({type(exc).__name__}: {first_line}); training without it")
-                self.compiled = None
+                self._fall_back(exc)
         return self.model(*args, **kwargs)
+
+    def recover_from_backward_error(self, exc: Exception) -> bool:
+        """After the compiled model's first backward pass failed: warn, go eager, and return True
+        so that the caller runs the batch again. False (raise it) for any later error."""
+        if self.compiled is None or self.backward_once:
+            return False
+        self._fall_back(exc)
+        for param in self.model.parameters():  # no gradient has been kept before the first backward
+            param.grad = None
+        return True
+
+    def _fall_back(self, exc: Exception) -> None:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        self.warn(f"warning: torch.compile failed ({type(exc).__name__}: {first_line}); training without it")
+        self.compiled = None
 
 
 def compile_model(model: nn.Module, device: torch.device, warn: Callable[[str], None]) -> nn.Module:
@@ -181,14 +196,31 @@ def accumulate_gradients(step_model: torch.nn.Module, sampler: BatchSampler, sca
         # Under DDP, gradients are averaged across processes only on the last micro-batch.
         sync = step_model.no_sync() if ddp and micro_step < accum_steps - 1 else nullcontext()
         with sync:
-            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                _, loss = step_model(x, y)
-            # Each micro-batch's loss is a mean over its tokens; dividing by the number of
-            # micro-batches makes the summed gradients equal those of one big batch's mean.
-            loss = loss / accum_steps
-            scaler.scale(loss).backward()
+            loss = _forward_backward(step_model, x, y, scaler, accum_steps, amp, device)
         loss_sum += loss.detach()
     return loss_sum.item()  # one device sync per step, not one per micro-batch
+
+
+def _forward_backward(step_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, scaler: torch.amp.GradScaler,
+                      accum_steps: int, amp: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """One micro-batch: forward, backward; returns its loss divided by the number of micro-batches."""
+    with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+        _, loss = step_model(x, y)
+    # Each micro-batch's loss is a mean over its tokens; dividing by the number of
+    # micro-batches makes the summed gradients equal those of one big batch's mean.
+    loss = loss / accum_steps
+    compiled = step_model if isinstance(step_model, CompiledOrEager) else None
+    try:
+        scaler.scale(loss).backward()
+    except Exception as exc:
+        # torch.compile builds the backward graph during the first backward pass; if that
+        # fails, the run goes on eager from this same batch.
+        if compiled is not None and compiled.recover_from_backward_error(exc):
+            return _forward_backward(step_model, x, y, scaler, accum_steps, amp, device)
+        raise
+    if compiled is not None:
+        compiled.backward_once = True
+    return loss
 
 
 def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
