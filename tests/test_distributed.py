@@ -49,12 +49,14 @@ def test_ddp_with_gradient_accumulation_and_resume(tmp_path, small_corpus):
     args[args.index("--batch-size") + 1] = "2"
     first = list(args)
     first[first.index("--max-steps") + 1] = "6"
-    assert torchrun(2, first).returncode == 0
+    proc = torchrun(2, first)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     proc = torchrun(2, ["train", "--resume", str(tmp_path / "ddp"), "--max-steps", str(steps), "--no-progress"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     whole = list(args)
     whole[whole.index("--out") + 1] = str(tmp_path / "whole")
-    assert torchrun(2, whole).returncode == 0
+    proc = torchrun(2, whole)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     a = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "last" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed DDP run is bit-identical to the uninterrupted one
