@@ -28,6 +28,7 @@ from .train import (
     apply_gradients,
     autocast_dtype,
     compile_model,
+    cpu_threads,
     resolve_device,
 )
 
@@ -71,7 +72,15 @@ def baseline_config(config: Config) -> Config:
 
 
 def bench_train(config: Config, steps: int = 40, warmup: int = 5, block: int = 5) -> dict:
-    """Median tokens/s of `config`'s training step and of its float32 eager baseline, interleaved."""
+    """Median tokens/s of `config`'s training step and of its float32 eager baseline, interleaved.
+
+    Both run with the config's CPU thread count (`threads`), a setting of the machine rather
+    than of the training path."""
+    with cpu_threads(config.train.threads):
+        return _bench_train(config, steps, warmup, block)
+
+
+def _bench_train(config: Config, steps: int, warmup: int, block: int) -> dict:
     device = resolve_device(config.train.device)
     runners = [_Runner("config", copy.deepcopy(config), device), _Runner("baseline", baseline_config(config), device)]
     for runner in runners:

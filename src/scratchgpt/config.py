@@ -119,6 +119,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # autocast dtype: auto picks bfloat16 where the hardware has it
     compile: bool = False  # torch.compile the model
+    threads: int = 0  # CPU threads for PyTorch's kernels during the run; 0 keeps PyTorch's default (one per core)
     optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' matrices, AdamW for the rest
     muon_lr: float = 0.02  # Muon's learning rate at the top of the schedule (follows the same schedule)
     muon_momentum: float = 0.95
@@ -129,7 +130,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "lr_decay_steps", "sample_tokens", "save_every", "keep_checkpoints"):
+        for name in ("max_steps", "warmup_steps", "lr_decay_steps", "sample_tokens", "save_every", "keep_checkpoints", "threads"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "min_lr"):
             value = getattr(self, name)

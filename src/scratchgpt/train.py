@@ -16,7 +16,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -437,10 +437,28 @@ def train(
     out = Path(out_dir)
     tcfg = config.train
     dist_ctx, device = setup(resolve_device(tcfg.device))
+    with cpu_threads(tcfg.threads):
+        try:
+            return _train(config, out, tcfg, dist_ctx, device, resume, progress, log, t0)
+        finally:
+            teardown(dist_ctx)
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op CPU threads (0: leave PyTorch's setting), then restore it.
+
+    PyTorch uses one thread per core. On a machine where another job holds a core, fewer
+    threads are much faster: OpenMP threads spin waiting for each other (BENCHMARKS.md).
+    """
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
     try:
-        return _train(config, out, tcfg, dist_ctx, device, resume, progress, log, t0)
+        yield
     finally:
-        teardown(dist_ctx)
+        if n and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedContext, device: torch.device,
@@ -516,6 +534,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
         f"scratchgpt: {config.model.model_type} with {n_params:,} parameters, vocab {data.tokenizer.vocab_size}, "
         f"{len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, device {device.type}"
         + (f" x {dist_ctx.world_size} processes" if dist_ctx.enabled else "")
+        + (f", {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''}" if device.type == "cpu" else "")
         + f", autocast {str(amp).replace('torch.', '') if amp else 'off'}, {tokens_per_step:,} tokens/step"
         + (f", resuming at step {start_step}" if resumed else "")
     )

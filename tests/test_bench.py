@@ -1,0 +1,50 @@
+"""`scratchgpt bench train`: its JSON report, its baseline, and the CPU thread setting."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from scratchgpt.cli import main
+from scratchgpt.train import cpu_supports_bf16, cpu_threads, train
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--device", "cpu"]
+
+
+def test_bench_train_json_reports_both_paths_consistently(small_corpus, capsys):
+    threads_before = torch.get_num_threads()
+    assert main(["bench", "train", "--preset", "cpu-baby", "--data", str(small_corpus), "--steps", "4", "--json",
+                 "--threads", "1", *TINY]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    settings = report["settings"]
+    assert settings["tokens_per_step"] == 4 * 16 and settings["threads"] == 1
+    assert settings["autocast"] == ("bfloat16" if cpu_supports_bf16() else "off")
+    assert settings["compile"] is False
+    assert report["tokens_per_second"] == pytest.approx(64 / (report["ms_per_step"] / 1000))
+    assert report["baseline_tokens_per_second"] == pytest.approx(64 / (report["baseline_ms_per_step"] / 1000))
+    assert report["speedup"] == pytest.approx(report["baseline_ms_per_step"] / report["ms_per_step"])
+    assert torch.get_num_threads() == threads_before  # the setting lasts for the benchmark only
+
+
+def test_cpu_threads_sets_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with cpu_threads(0):  # 0 leaves PyTorch's setting alone
+        assert torch.get_num_threads() == before
+
+
+def test_negative_threads_is_refused(small_corpus, capsys):
+    assert main(["train", "--data", str(small_corpus), "--threads", "-1", *TINY]) != 0
+    assert "threads must be >= 0" in capsys.readouterr().err
+
+
+def test_train_runs_with_the_thread_count_it_is_given(tmp_path, small_corpus):
+    before = torch.get_num_threads()
+    messages = []
+    train(tiny_config(small_corpus, max_steps=2, eval_interval=2, threads=1), tmp_path / "run", progress=False,
+          log=messages.append)
+    assert any(", 1 CPU thread," in m for m in messages), messages[:2]
+    assert torch.get_num_threads() == before
