@@ -8,14 +8,16 @@ uses one preset for every budget.
 
 Each budget is a separate `scratchgpt train --preset speedrun --time-budget B` process, timed
 from its start as a stopwatch would, so import time, data loading, training, the final
-evaluation and saving all count. Run it on an otherwise idle machine: the figures are
-wall-clock figures.
+evaluation and saving all count. Each process gets an empty `TORCHINDUCTOR_CACHE_DIR`, so a
+compiled preset pays for compiling as on a user's first run (`--warm-cache` keeps PyTorch's
+usual cache instead). Run it on an otherwise idle machine: the figures are wall-clock figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,13 +25,16 @@ import time
 from pathlib import Path
 
 
-def run(budget: float, data: str, preset: str, out: Path, extra: list[str]) -> dict:
+def run(budget: float, data: str, preset: str, out: Path, extra: list[str], warm_cache: bool) -> dict:
     cmd = [sys.executable, "-m", "scratchgpt", "train", "--preset", preset, "--time-budget", str(budget),
            "--out", str(out), "--overwrite", "--no-progress", "--json", *extra]
     if data:
         cmd += ["--data", data]
+    env = dict(os.environ)
+    if not warm_cache:  # compiled kernels from an earlier run would make this run faster than a first one
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(out.with_name(out.name + "-inductor-cache"))
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"budget {budget}: training failed:\n{proc.stderr[-2000:]}")
@@ -45,11 +50,14 @@ def main() -> None:
     parser.add_argument("--preset", default="", help="one preset for every budget (default: by budget)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[30, 60, 600])
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--warm-cache", action="store_true", help="keep PyTorch's compile cache (default: empty per run)")
     args, extra = parser.parse_known_args()
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in args.budgets:
             preset = args.preset or ("speedrun-30s" if budget <= 120 else "speedrun")
-            row = run(budget, args.data, preset, Path(tmp) / f"run-{budget:g}", extra)
+            row = run(budget, args.data, preset, Path(tmp) / f"run-{len(rows)}-{budget:g}", extra, args.warm_cache)
+            rows.append(row)
             row = {"preset": preset, **row}
             if args.json:
                 print(json.dumps(row), flush=True)
