@@ -1,12 +1,15 @@
 """`scratchgpt bench train`: its JSON report, its baseline, and the CPU thread setting."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 from conftest import tiny_config
 
+from scratchgpt.bench import baseline_config
 from scratchgpt.cli import main
+from scratchgpt.config import config_from_preset
 from scratchgpt.train import cpu_supports_bf16, cpu_threads, train
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--device", "cpu"]
@@ -48,3 +51,13 @@ def test_train_runs_with_the_thread_count_it_is_given(tmp_path, small_corpus):
           log=messages.append)
     assert any(", 1 CPU thread," in m for m in messages), messages[:2]
     assert torch.get_num_threads() == before
+
+
+def test_the_baseline_is_the_plain_path_of_the_same_model():
+    config = config_from_preset("speedrun")  # bf16 autocast, compiled, written-out attention
+    plain = baseline_config(config)
+    assert (plain.train.dtype, plain.train.compile, plain.model.attention) == ("float32", False, "sdpa")
+    assert (config.train.dtype, config.train.compile, config.model.attention) == ("auto", True, "manual")  # untouched
+    unchanged = {**asdict(plain.model), "attention": "manual"}
+    assert unchanged == asdict(config.model)
+    assert {**asdict(plain.train), "dtype": "auto", "compile": True} == asdict(config.train)
