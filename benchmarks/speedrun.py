@@ -52,13 +52,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--warm-cache", action="store_true", help="keep PyTorch's compile cache (default: empty per run)")
     args, extra = parser.parse_known_args()
-    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for budget in args.budgets:
+        for i, budget in enumerate(args.budgets):
             preset = args.preset or ("speedrun-30s" if budget <= 120 else "speedrun")
-            row = run(budget, args.data, preset, Path(tmp) / f"run-{len(rows)}-{budget:g}", extra, args.warm_cache)
-            rows.append(row)
-            row = {"preset": preset, **row}
+            row = {"preset": preset, **run(budget, args.data, preset, Path(tmp) / f"run-{i}-{budget:g}", extra, args.warm_cache)}
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
