@@ -10,6 +10,7 @@ from conftest import tiny_config
 from scratchgpt.bench import baseline_config
 from scratchgpt.cli import main
 from scratchgpt.config import config_from_preset
+from scratchgpt.optim import configure_optimizer
 from scratchgpt.train import cpu_supports_bf16, cpu_threads, train
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--device", "cpu"]
@@ -61,3 +62,17 @@ def test_the_baseline_is_the_plain_path_of_the_same_model():
     unchanged = {**asdict(plain.model), "attention": "manual"}
     assert unchanged == asdict(config.model)
     assert {**asdict(plain.train), "dtype": "auto", "compile": True} == asdict(config.train)
+
+
+def test_the_baseline_steps_with_pytorchs_default_adamw(small_corpus, capsys):
+    """The classic recipe runs PyTorch's default AdamW on a CPU (a loop over the tensors); the
+    fused kernel is one of the fast path's choices, so only the config's path gets it."""
+    assert main(["bench", "train", "--preset", "cpu-baby", "--data", str(small_corpus), "--steps", "2", "--json",
+                 "--threads", "1", *TINY]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["settings"]["baseline"] == {"dtype": "float32", "compile": False, "attention": "sdpa",
+                                              "adamw": "pytorch default"}
+    config = tiny_config(small_corpus)
+    model = torch.nn.Linear(4, 4)
+    assert configure_optimizer(model, config.train, torch.device("cpu")).defaults["fused"] is True
+    assert not configure_optimizer(model, config.train, torch.device("cpu"), fused=False).defaults["fused"]

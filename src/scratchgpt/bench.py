@@ -2,7 +2,8 @@
 
 A step is everything `train` does per optimizer step: batch fetch, forward and backward under
 the run's autocast, gradient clipping, the AdamW step. `bench_train` times the config's own
-path and the plain float32 eager path of the same model in alternating blocks of steps, so
+path and the plain path of the same model (float32, eager, PyTorch's fused attention and its
+default AdamW: the classic recipe) in alternating blocks of steps, so
 that both see the same machine load, and reports medians. Machines here are noisy; a ratio
 from one run is worth more than two absolute figures from two runs.
 """
@@ -40,6 +41,7 @@ class _Runner:
     name: str
     config: Config
     device: torch.device
+    fused_adamw: bool = True
 
     def __post_init__(self) -> None:
         torch.manual_seed(self.config.train.seed)
@@ -47,12 +49,19 @@ class _Runner:
         self.data = dataset_from_config(self.config.data, block_size=self.config.model.block_size)
         self.config.model.vocab_size = self.data.tokenizer.vocab_size
         self.model = build_model(self.config.model).to(self.device)
-        self.optimizer = configure_optimizer(self.model, tcfg, self.device)
+        self.optimizer = configure_optimizer(self.model, tcfg, self.device, fused=self.fused_adamw)
         self.amp = autocast_dtype(tcfg.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.sampler = BatchSampler(self.data.train_ids, self.config.model.block_size, tcfg.batch_size, tcfg.seed, self.device)
         self.step_model = compile_model(self.model, self.device, lambda msg: print(msg, file=sys.stderr)) if tcfg.compile else self.model
         self.times: list[float] = []
+
+    def describe(self) -> dict:
+        """The settings that make this path fast or plain."""
+        tcfg = self.config.train
+        fused = self.optimizer.param_groups[0].get("fused")  # AdamW's groups come first, also beside Muon
+        return {"dtype": tcfg.dtype, "compile": tcfg.compile, "attention": self.config.model.attention,
+                "adamw": "fused" if fused else "pytorch default"}
 
     def step(self) -> float:
         start = time.perf_counter()
@@ -66,7 +75,9 @@ class _Runner:
 def baseline_config(config: Config) -> Config:
     """The same model and batch, trained the plain way: float32, eager, no compiler, and
     PyTorch's fused attention kernel (the written-out attention is one of the CPU presets'
-    speed choices, and in float32 it is the slower of the two)."""
+    speed choices, and in float32 it is the slower of the two). The baseline's runner also
+    takes PyTorch's default AdamW rather than the fused kernel (`configure_optimizer(...,
+    fused=False)`), as the classic recipe does on a CPU."""
     plain = copy.deepcopy(config)
     plain.train.dtype = "float32"
     plain.train.compile = False
@@ -85,7 +96,8 @@ def bench_train(config: Config, steps: int = 40, warmup: int = 5, block: int = 5
 
 def _bench_train(config: Config, steps: int, warmup: int, block: int) -> dict:
     device = resolve_device(config.train.device)
-    runners = [_Runner("config", copy.deepcopy(config), device), _Runner("baseline", baseline_config(config), device)]
+    runners = [_Runner("config", copy.deepcopy(config), device),
+               _Runner("baseline", baseline_config(config), device, fused_adamw=False)]
     for runner in runners:
         for _ in range(warmup):  # compilation, allocator and autotuning happen here
             runner.step()
@@ -110,6 +122,7 @@ def _bench_train(config: Config, steps: int, warmup: int, block: int) -> dict:
             "block_size": config.model.block_size,
             "grad_accum_steps": config.train.grad_accum_steps,
             "tokens_per_step": tokens_per_step,
+            "baseline": runners[1].describe(),
             "steps_timed": steps,
             "warmup_steps": warmup,
             "cpu": platform.processor() or platform.machine(),
