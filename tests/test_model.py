@@ -97,6 +97,14 @@ def test_manual_attention_equals_sdpa():
     assert torch.allclose(manual_attention(q, k, v), fused, atol=1e-5)
 
 
+def test_manual_attention_lets_a_single_query_see_every_key():
+    """A cached decoding step: its one query is the newest token, so no key is in its future."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    unmasked = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(manual_attention(q, k, v), unmasked, atol=1e-6)
+
+
 def test_manual_and_sdpa_models_agree():
     torch.manual_seed(0)
     sdpa = GPT(small(attention="sdpa")).eval()

@@ -38,11 +38,14 @@ def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Ten
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Causal attention written out: softmax(QK^T / sqrt(hs) + mask) @ V, queries (B, nh, T, hs), keys (B, nh, S, hs)."""
     T, S, head_size = q.size(-2), k.size(-2), q.size(-1)
-    # 0 where a token may look (itself and the past), -inf where it may not: after the softmax
-    # the future gets zero weight. Adding a mask and scaling q (T x hs) rather than the scores
-    # (T x S) compile to a faster kernel than masked_fill on the scores (BENCHMARKS.md).
-    mask = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~causal_mask(T, S, q.device), float("-inf"))
-    scores = (q * (1.0 / math.sqrt(head_size))) @ k.transpose(-2, -1) + mask  # (B, nh, T, hs) @ (B, nh, hs, S) -> (B, nh, T, S)
+    # Scaling q (T x hs) rather than the scores (T x S), and adding the mask below rather than
+    # masked_fill on the scores, compile to a faster kernel (BENCHMARKS.md).
+    scores = (q * (1.0 / math.sqrt(head_size))) @ k.transpose(-2, -1)  # (B, nh, T, hs) @ (B, nh, hs, S) -> (B, nh, T, S)
+    if T > 1:  # a single query (a cached decoding step) is the newest token: every key is its past
+        # 0 where a token may look (itself and the past), -inf where it may not: after the
+        # softmax the future gets zero weight.
+        mask = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+        scores = scores + mask
     weights = F.softmax(scores, dim=-1)
     weights = F.dropout(weights, p=dropout_p, training=training)
     return weights @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
