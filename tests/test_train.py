@@ -235,18 +235,21 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, small_corp
     assert compiled.full_val_loss == eager.full_val_loss
 
 
+class FailsInBackward(torch.autograd.Function):
+    """The identity, whose backward pass raises: a compiled backward graph that cannot be built."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("simulated: the backward graph did not compile\nsecond line")
+
+
 def test_a_failing_compiled_backward_falls_back_to_eager(tmp_path, small_corpus, monkeypatch):
     """torch.compile builds the backward graph in the first backward pass; if that fails, the
     run warns once, redoes the batch eagerly and ends where an eager run ends."""
-
-    class FailsInBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            raise RuntimeError("simulated: the backward graph did not compile\nsecond line")
 
     class ForwardOnly(torch.nn.Module):  # stands in for a compiled model whose backward cannot compile
         def __init__(self, model):
@@ -270,12 +273,19 @@ def test_a_failing_compiled_backward_falls_back_to_eager(tmp_path, small_corpus,
 
 def test_backward_errors_after_a_good_first_backward_are_raised():
     wrapper = train_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
-    wrapper.backward_once = True
-    assert not wrapper.recover_from_backward_error(RuntimeError("a real error in step 2"))
-    assert wrapper.compiled is not None  # still compiled: the error is the caller's to raise
-    wrapper.backward_once = False
+
+    def loss(fails: bool) -> torch.Tensor:
+        out = wrapper.model(torch.ones(2)).sum()
+        return FailsInBackward.apply(out) if fails else out
+
+    assert wrapper.backward(loss(fails=False))  # a good first backward pass
+    with pytest.raises(RuntimeError, match="did not compile"):
+        wrapper.backward(loss(fails=True))
+    assert wrapper.compiled is not None  # still compiled: the error was not a compile failure
+    wrapper = train_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
     wrapper.compiled = None  # already eager: nothing to fall back to
-    assert not wrapper.recover_from_backward_error(RuntimeError("eager error"))
+    with pytest.raises(RuntimeError, match="did not compile"):
+        wrapper.backward(loss(fails=True))
 
 
 def test_compile_errors_after_a_good_first_call_are_raised():

@@ -136,6 +136,7 @@ class CompiledOrEager(nn.Module):
     the first batch runs, in the forward pass or, for the backward graph, in the first
     backward pass. Rather than lose the run, the fallback warns once and trains eager, which
     computes the same function. Errors after a successful first call are raised as usual.
+    The training step runs the backward pass through `backward`, which watches for the latter.
     """
 
     def __init__(self, model: nn.Module, warn: Callable[[str], None]):
@@ -144,7 +145,7 @@ class CompiledOrEager(nn.Module):
         self.warn = warn
         self.compiled: Callable | None = torch.compile(model)
         self.compiled_once = False
-        self.backward_once = False  # set by the training step after a backward pass succeeds
+        self.backward_once = False
 
     def forward(self, *args, **kwargs):
         if self.compiled is not None:
@@ -158,14 +159,19 @@ class CompiledOrEager(nn.Module):
                 self._fall_back(exc)
         return self.model(*args, **kwargs)
 
-    def recover_from_backward_error(self, exc: Exception) -> bool:
-        """After the compiled model's first backward pass failed: warn, go eager, and return True
-        so that the caller runs the batch again. False (raise it) for any later error."""
-        if self.compiled is None or self.backward_once:
+    def backward(self, loss: torch.Tensor) -> bool:
+        """`loss.backward()`; False if the compiled model's first backward pass failed, in which
+        case the model has gone eager and the caller runs the batch again. Later errors are raised."""
+        try:
+            loss.backward()
+        except Exception as exc:
+            if self.compiled is None or self.backward_once:
+                raise
+            self._fall_back(exc)
+            for param in self.model.parameters():  # no gradient has been kept before the first backward
+                param.grad = None
             return False
-        self._fall_back(exc)
-        for param in self.model.parameters():  # no gradient has been kept before the first backward
-            param.grad = None
+        self.backward_once = True
         return True
 
     def _fall_back(self, exc: Exception) -> None:
@@ -209,17 +215,12 @@ def _forward_backward(step_model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     # Each micro-batch's loss is a mean over its tokens; dividing by the number of
     # micro-batches makes the summed gradients equal those of one big batch's mean.
     loss = loss / accum_steps
-    compiled = step_model if isinstance(step_model, CompiledOrEager) else None
-    try:
+    if not isinstance(step_model, CompiledOrEager):
         scaler.scale(loss).backward()
-    except Exception as exc:
-        # torch.compile builds the backward graph during the first backward pass; if that
-        # fails, the run goes on eager from this same batch.
-        if compiled is not None and compiled.recover_from_backward_error(exc):
-            return _forward_backward(step_model, x, y, scaler, accum_steps, amp, device)
-        raise
-    if compiled is not None:
-        compiled.backward_once = True
+    elif not step_model.backward(scaler.scale(loss)):
+        # torch.compile builds the backward graph during the first backward pass; that failed,
+        # so the run goes on eager from this same batch.
+        return _forward_backward(step_model, x, y, scaler, accum_steps, amp, device)
     return loss
 
 
