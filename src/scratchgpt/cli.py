@@ -483,6 +483,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if "RANK" in os.environ:  # a torchrun worker: see distributed.exit_if_joined
+        from .distributed import exit_if_joined
+
+        exit_if_joined(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "presets": cmd_presets,
                "serve": cmd_serve, "export": cmd_export, "import": cmd_import}[args.command]

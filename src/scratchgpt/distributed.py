@@ -9,11 +9,14 @@ changes its behaviour.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+_joined = False  # whether setup() joined a process group in this process
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,27 @@ def setup(device: torch.device) -> tuple[DistributedContext, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    global _joined
+    _joined = True
     return ctx, device
+
+
+def exit_if_joined(code: int) -> None:
+    """End this process now with `code`, skipping Python's shutdown, if it joined a process group.
+
+    gloo runs each collective on a C++ worker thread, which lets go of the collective's
+    tensors a moment after the collective has returned; letting go of a tensor that Python
+    also knew takes the GIL. If the main thread has begun shutting the interpreter down by
+    then, that thread cannot take the GIL and the process aborts (std::terminate, SIGABRT),
+    although the run finished and saved everything: 2 runs in 30 of a small torchrun script
+    here, and about 1 in 40 `train` runs on a loaded machine. Ending without the shutdown
+    cannot hit it. The CLI calls this last, when its files are closed; the streams are flushed here.
+    """
+    if not _joined:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def teardown(ctx: DistributedContext) -> None:
