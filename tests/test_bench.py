@@ -29,6 +29,10 @@ def test_bench_train_json_reports_both_paths_consistently(small_corpus, capsys):
     assert report["baseline_tokens_per_second"] == pytest.approx(64 / (report["baseline_ms_per_step"] / 1000))
     assert report["speedup"] == pytest.approx(report["baseline_ms_per_step"] / report["ms_per_step"])
     assert torch.get_num_threads() == threads_before  # the setting lasts for the benchmark only
+    # The classic recipe runs PyTorch's default AdamW on a CPU (a loop over the tensors); the
+    # fused kernel is one of the fast path's choices, so only the config's path gets it.
+    assert settings["baseline"] == {"dtype": "float32", "compile": False, "attention": "sdpa",
+                                    "adamw": "pytorch default"}
 
 
 def test_cpu_threads_sets_and_restores_the_thread_count():
@@ -64,14 +68,8 @@ def test_the_baseline_is_the_plain_path_of_the_same_model():
     assert {**asdict(plain.train), "dtype": "auto", "compile": True} == asdict(config.train)
 
 
-def test_the_baseline_steps_with_pytorchs_default_adamw(small_corpus, capsys):
-    """The classic recipe runs PyTorch's default AdamW on a CPU (a loop over the tensors); the
-    fused kernel is one of the fast path's choices, so only the config's path gets it."""
-    assert main(["bench", "train", "--preset", "cpu-baby", "--data", str(small_corpus), "--steps", "2", "--json",
-                 "--threads", "1", *TINY]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["settings"]["baseline"] == {"dtype": "float32", "compile": False, "attention": "sdpa",
-                                              "adamw": "pytorch default"}
+def test_configure_optimizer_builds_fused_or_default_adamw(small_corpus):
+    """The fast path's fused kernel, or PyTorch's default AdamW for the baseline (asserted in the report above)."""
     config = tiny_config(small_corpus)
     model = torch.nn.Linear(4, 4)
     assert configure_optimizer(model, config.train, torch.device("cpu")).defaults["fused"] is True

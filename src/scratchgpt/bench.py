@@ -86,7 +86,7 @@ def baseline_config(config: Config) -> Config:
 
 
 def bench_train(config: Config, steps: int = 40, warmup: int = 5, block: int = 5) -> dict:
-    """Median tokens/s of `config`'s training step and of its float32 eager baseline, interleaved.
+    """Median tokens/s of `config`'s training step and of its plain baseline (`baseline_config`), interleaved.
 
     Both run with the config's CPU thread count (`threads`), a setting of the machine rather
     than of the training path."""
