@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .allocator import keep_freed_memory
 from .config import SECTIONS, config_from_preset, load_preset, preset_names
 from .errors import ScratchGPTError
 
@@ -493,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "bench":
+        # Before the first tensor: glibc then reuses the memory each step frees (allocator.py).
+        # Not for `bench`, whose two paths share one heap unlike any training run (BENCHMARKS.md).
+        keep_freed_memory()
     handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "presets": cmd_presets,
                "serve": cmd_serve, "export": cmd_export, "import": cmd_import}[args.command]
     try:
