@@ -1,5 +1,6 @@
 """allocator.keep_freed_memory: afterwards glibc serves large blocks from its heap; the user's settings win."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -32,7 +33,8 @@ PROBE = textwrap.dedent("""
 
 
 def probe(mode: str) -> str:
-    env = {"PATH": "/usr/bin:/bin"}  # no user malloc settings, whatever the test's environment has
+    unset = {"GLIBC_TUNABLES", "SCRATCHGPT_MALLOC", *allocator.MALLOC_VARIABLES}  # whatever the test's environment has
+    env = {name: value for name, value in os.environ.items() if name not in unset}
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, check=True)
     return out.stdout.strip()
 

@@ -11,8 +11,9 @@ faults a step for cpu-baby. In its eager step GELU's backward took 432-783 us th
 
 `keep_freed_memory` raises both thresholds once, when the CLI starts: blocks under 64 MiB
 come from the heap and are reused, and up to 256 MiB of freed heap stays with the process. On
-this project's CPU, training runs went about 10% faster for cpu-baby and `speedrun-30s`
-(tokens/s of steps 100-400, alternating runs) at no cost in peak memory (BENCHMARKS.md).
+this project's CPU, training runs went 10-24% faster (cpu-baby and `speedrun-30s` eager, the
+`speedrun` model compiled; median tokens/s of alternating runs) at no cost in peak memory
+(BENCHMARKS.md).
 PyTorch's own CPU launcher (`python -m torch.backends.xeon.run_cpu`) goes further for the same
 reason and preloads another allocator (TCMalloc or JeMalloc). `scratchgpt bench` keeps glibc's
 defaults: its two paths, stepped in turn in one process, share the heap, and with the
