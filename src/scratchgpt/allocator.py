@@ -13,9 +13,10 @@ faults a step for cpu-baby. In its eager step GELU's backward took 432-783 us th
 come from the heap and are reused, and up to 256 MiB of freed heap stays with the process. On
 this project's CPU, training runs went 10-24% faster (cpu-baby and `speedrun-30s` eager, the
 `speedrun` model compiled; median tokens/s of alternating runs) at no cost in peak memory
-(BENCHMARKS.md).
-PyTorch's own CPU launcher (`python -m torch.backends.xeon.run_cpu`) goes further for the same
-reason and preloads another allocator (TCMalloc or JeMalloc). `scratchgpt bench` keeps glibc's
+(BENCHMARKS.md). PyTorch's own CPU launcher (`python -m torch.backends.xeon.run_cpu`) goes
+further for the same reason and preloads another allocator (TCMalloc or JeMalloc).
+
+`scratchgpt bench` keeps glibc's
 defaults: its two paths, stepped in turn in one process, share the heap, and with the
 thresholds raised a path could run much slower there than in a training run of its own.
 
