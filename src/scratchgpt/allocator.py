@@ -16,9 +16,9 @@ this project's CPU, training runs went 10-24% faster (cpu-baby and `speedrun-30s
 (BENCHMARKS.md). PyTorch's own CPU launcher (`python -m torch.backends.xeon.run_cpu`) goes
 further for the same reason and preloads another allocator (TCMalloc or JeMalloc).
 
-`scratchgpt bench` keeps glibc's
-defaults: its two paths, stepped in turn in one process, share the heap, and with the
-thresholds raised a path could run much slower there than in a training run of its own.
+`scratchgpt bench` keeps glibc's defaults: its two paths, stepped in turn in one process,
+share the heap, and with the thresholds raised a path could run much slower there than in a
+training run of its own.
 
 Nothing changes where the C library is not glibc, or where the user set glibc's malloc
 tunables themselves (`GLIBC_TUNABLES=glibc.malloc.*` or one of `MALLOC_VARIABLES`); set
