@@ -99,28 +99,26 @@ def main() -> None:
     seconds = time_alone(calls, [f32, bf16], args.rounds, args.repeats)
     print(f"{args.preset}: {sum(calls.values())} matmuls a step, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'op':6s} {'operands (shape:stride)':44s} {'count':>5s} {'fp32 us':>8s} {'bf16 us':>8s} {'bf16 GFLOP/s':>12s} {'ratio':>6s}")
-    total = {f32: 0.0, bf16: 0.0}
-    total_flops = 0
-    for key, count in calls.items():
-        func, layouts = key
-        name = func.__name__.split(".")[0]
+    for (func, layouts), count in calls.items():
         described = " ".join(f"{'x'.join(map(str, shape))}:{','.join(map(str, stride))}" for shape, stride in layouts)
-        a, b = seconds[f32][key], seconds[bf16][key]
-        total[f32] += count * a
-        total[bf16] += count * b
-        total_flops += count * flops(func, layouts)
-        print(f"{name:6s} {described:44s} {count:5d} {1e6 * a:8.1f} {1e6 * b:8.1f} {flops(func, layouts) / b / 1e9:12.1f} {a / b:6.2f}")
-    linear = {}
-    for kind in ("mm", "bmm"):
-        keys = [key for key in calls if (key[0] is torch.ops.aten.bmm.default) == (kind == "bmm")]
+        a, b = seconds[f32][func, layouts], seconds[bf16][func, layouts]
+        print(f"{func.__name__.split('.')[0]:6s} {described:44s} {count:5d} {1e6 * a:8.1f} {1e6 * b:8.1f} "
+              f"{flops(func, layouts) / b / 1e9:12.1f} {a / b:6.2f}")
+
+    def subtotal(label: str, keys: list) -> dict[torch.dtype, float]:
+        """Seconds a step for these products, per dtype, printed with their rates."""
+        if not keys:  # e.g. no bmm where attention is PyTorch's fused kernel
+            print(f"{label:18s} none")
+            return {f32: 0.0, bf16: 0.0}
         gflop = sum(calls[key] * flops(*key) for key in keys) / 1e9
-        a, b = (sum(calls[key] * seconds[dtype][key] for key in keys) for dtype in (f32, bf16))
-        label = "attention's bmm" if kind == "bmm" else "linear layers' mm"
-        if kind == "mm":
-            linear = {f32: a, bf16: b}
-        print(f"{label:18s} {gflop:.2f} GFLOP: fp32 {1e3 * a:6.2f} ms ({gflop / a:3.0f} GFLOP/s), bf16 {1e3 * b:6.2f} ms ({gflop / b:3.0f} GFLOP/s): bf16 is {a / b:.2f}x")
-    print(f"{'all matmuls':18s} {total_flops / 1e9:.2f} GFLOP: fp32 {1e3 * total[f32]:6.2f} ms, bf16 {1e3 * total[bf16]:6.2f} ms: "
-          f"bf16 is {total[f32] / total[bf16]:.2f}x")
+        sums = {dtype: sum(calls[key] * seconds[dtype][key] for key in keys) for dtype in (f32, bf16)}
+        print(f"{label:18s} {gflop:.2f} GFLOP: " + ", ".join(f"{name} {1e3 * sums[dtype]:6.2f} ms ({gflop / sums[dtype]:3.0f} GFLOP/s)"
+              for name, dtype in (("fp32", f32), ("bf16", bf16))) + f": bf16 is {sums[f32] / sums[bf16]:.2f}x")
+        return sums
+
+    linear = subtotal("linear layers' mm", [key for key in calls if key[0] is not torch.ops.aten.bmm.default])
+    subtotal("attention's bmm", [key for key in calls if key[0] is torch.ops.aten.bmm.default])
+    subtotal("all matmuls", list(calls))
 
     if args.data:
         from scratchgpt.bench import bench_train
@@ -134,10 +132,8 @@ def main() -> None:
         print(f"whole step: {fast:.2f} ms against {base:.2f} ms for fp32 eager: {result['speedup']:.2f}x")
         print(f"the rest (the step less its linear layers' mm, as timed alone): {rest_fast:.2f} ms against {rest_base:.2f} ms: "
               f"{rest_base / rest_fast:.2f}x")
-        target = 2.0
-        need = base / target - mm_fast
-        print(f"for {target:.1f}x the rest would have to take {need:.2f} ms, {rest_base / need:.2f}x less than the baseline's")
-
+        need = base / 2 - mm_fast
+        print(f"for 2x the rest would have to take {need:.2f} ms, {rest_base / need:.2f}x less than the baseline's")
 
 if __name__ == "__main__":
     main()
