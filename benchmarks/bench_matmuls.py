@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scratchgpt.config import config_from_preset
+from scratchgpt.errors import ScratchGPTError
 from scratchgpt.model import build_model
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -136,4 +137,7 @@ def main() -> None:
         print(f"for 2x the rest would have to take {need:.2f} ms, {rest_base / need:.2f}x less than the baseline's")
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ScratchGPTError as error:  # a bad preset or data path: one line, not a traceback
+        raise SystemExit(f"bench_matmuls.py: error: {error}") from None
