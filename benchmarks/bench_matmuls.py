@@ -10,8 +10,8 @@ in float32 and in bfloat16, in alternating rounds. The ratio of the two sums is 
 give the part of the step that is matrix multiplies: on a CPU whose bf16 units do twice the
 float32 work per cycle, about 2x, and less for small or transposed operands.
 
-With --data it also runs `scratchgpt bench train` for the preset (bf16 path against its fp32
-eager baseline, in one process) and splits both steps into matmuls and the rest, which shows
+With --data it first runs `scratchgpt bench train` for the preset (bf16 path against its fp32
+eager baseline, in one process) and then splits both steps into matmuls and the rest, which shows
 how far the rest must shrink for a given speedup of the whole step.
 """
 
@@ -25,6 +25,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from scratchgpt.bench import bench_train
 from scratchgpt.config import config_from_preset
 from scratchgpt.errors import ScratchGPTError
 from scratchgpt.model import build_model
@@ -96,6 +97,10 @@ def main() -> None:
     args = parser.parse_args()
 
     calls = step_matmuls(args.preset, args.vocab_size)
+    result = None
+    if args.data:  # first, so that a wrong path ends the script before the long timing
+        config = config_from_preset(args.preset, {"data": {"path": args.data}, "train": {"compile": args.compile}})
+        result = bench_train(config)
     f32, bf16 = torch.float32, torch.bfloat16
     seconds = time_alone(calls, [f32, bf16], args.rounds, args.repeats)
     print(f"{args.preset}: {sum(calls.values())} matmuls a step, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -121,11 +126,7 @@ def main() -> None:
     subtotal("attention's bmm", [key for key in calls if key[0] is torch.ops.aten.bmm.default])
     subtotal("all matmuls", list(calls))
 
-    if args.data:
-        from scratchgpt.bench import bench_train
-
-        config = config_from_preset(args.preset, {"data": {"path": args.data}, "train": {"compile": args.compile}})
-        result = bench_train(config)
+    if result is not None:
         fast, base = result["ms_per_step"], result["baseline_ms_per_step"]
         # The baseline attends with PyTorch's fused kernel, not bmm: attention counts as "the rest" in both.
         mm_fast, mm_base = 1e3 * linear[bf16], 1e3 * linear[f32]
