@@ -80,60 +80,40 @@ def test_too_small_corpus(tmp_path):
         BatchSampler(data.val_ids, block_size=8, batch_size=2, seed=0)
 
 
-def test_offline_without_cache_says_pass_data(monkeypatch, tmp_path):
-    import urllib.request
+def test_packaged_copy_is_unpacked_offline_and_matches_the_shared_file(monkeypatch, tmp_path, shakespeare_path):
+    import socket
 
     monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path))
 
-    def refuse(*args, **kwargs):
-        raise OSError("network unreachable")
+    def no_network(*args, **kwargs):
+        raise AssertionError("Tiny Shakespeare must not need the network")
 
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    with pytest.raises(DataError, match="--data"):
-        tiny_shakespeare_path()
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    path = tiny_shakespeare_path()
+    assert path == tmp_path / "tinyshakespeare" / "input.txt"
+    assert path.read_bytes() == shakespeare_path.read_bytes()
+    assert len(path.read_text(encoding="utf-8")) == 1_115_394
 
 
-def test_cached_copy_is_used_when_hash_matches(monkeypatch, tmp_path, shakespeare_path):
+def test_a_tampered_cache_is_replaced_from_the_package(monkeypatch, tmp_path):
     monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path))
     target = tmp_path / "tinyshakespeare" / "input.txt"
     target.parent.mkdir(parents=True)
-    target.write_bytes(shakespeare_path.read_bytes())
-    assert tiny_shakespeare_path(download=False) == target
     target.write_bytes(b"tampered")
-    with pytest.raises(DataError):
-        tiny_shakespeare_path(download=False)
+    assert tiny_shakespeare_path() == target
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == TINY_SHAKESPEARE_SHA256
 
 
-class _FakeResponse:
-    def __init__(self, payload: bytes):
-        self.payload = payload
+def test_a_corrupt_packaged_copy_is_refused(monkeypatch, tmp_path):
+    import gzip
 
-    def read(self):
-        return self.payload
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_download_is_verified_then_cached(monkeypatch, tmp_path, shakespeare_path):
-    import urllib.request
+    from scratchgpt import data as data_module
 
     monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path))
-    calls = []
-
-    def fake_urlopen(url, timeout):
-        calls.append(url)
-        return _FakeResponse(shakespeare_path.read_bytes())
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    path = tiny_shakespeare_path()
-    assert path.read_bytes() == shakespeare_path.read_bytes()
-    assert tiny_shakespeare_path() == path and len(calls) == 1  # second call reads the cache
-
-    monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path / "other"))
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"not the file"))
-    with pytest.raises(DataError, match="SHA-256"):
+    fake_package = tmp_path / "pkg"
+    (fake_package / "corpora").mkdir(parents=True)
+    (fake_package / "corpora" / "tinyshakespeare.txt.gz").write_bytes(gzip.compress(b"First Citizen: not the file"))
+    monkeypatch.setattr(data_module.resources, "files", lambda package: fake_package)
+    with pytest.raises(DataError, match="SHA-256.*--data"):
         tiny_shakespeare_path()
+    assert not (tmp_path / "tinyshakespeare" / "input.txt").exists()

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     p = commands.add_parser("train", help="train a model", epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            description="Train a model on Tiny Shakespeare (downloaded once) or on --data PATH.")
+                            description="Train a model on Tiny Shakespeare (shipped with the package) or on --data PATH.")
     p.add_argument("--preset", help=f"starting config: one of {preset_names()} or a .json file (default cpu-baby)")
     p.add_argument("--out", help="run directory for checkpoints and logs (default runs/PRESET)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last/ checkpoint")

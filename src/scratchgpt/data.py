@@ -2,7 +2,7 @@
 
 1. `find_corpus_files` turns `--data` into a list of files: one file, every text file under a
    directory (recursively, sorted by path, hidden files and folders left out), or a glob. With
-   no `--data`, Tiny Shakespeare from the local cache, downloaded once and checked by SHA-256.
+   no `--data`, Tiny Shakespeare, unpacked from the package's compressed copy and checked by SHA-256.
    The files, joined in that order with a blank line ("\\n\\n") between them, are the corpus.
 2. `prepare_dataset` splits the corpus by characters (first 90% train, last 10% validation, as
    nanoGPT and char-rnn do) and encodes both splits into uint8/uint16/uint32 token files in the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import gzip
 import hashlib
 import json
 import math
@@ -26,9 +27,9 @@ import re
 import shutil
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -48,7 +49,7 @@ from .tokenizer import (
     tokenizer_from_dict,
 )
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# Tiny Shakespeare, from karpathy/char-rnn (data/tinyshakespeare/input.txt); a gzipped copy ships in corpora/.
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 # What a directory contributes: files with these suffixes (prose, markup, data and source code).
@@ -77,24 +78,25 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tiny_shakespeare_path(download: bool = True) -> Path:
-    """The cached Tiny Shakespeare file, downloading and verifying it on first use."""
+def tiny_shakespeare_path() -> Path:
+    """Tiny Shakespeare as a plain file in the cache, unpacked from the package's copy on first use.
+
+    The package ships the text gzip-compressed (`corpora/`), so the first run works offline;
+    both the packaged bytes and the cached file are checked against the known SHA-256.
+    """
     target = cache_dir() / "tinyshakespeare" / "input.txt"
     if target.is_file() and sha256_of(target) == TINY_SHAKESPEARE_SHA256:
         return target
-    if not download:
-        raise DataError(f"Tiny Shakespeare is not cached at {target}; pass --data PATH to a local copy")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    packaged = resources.files("scratchgpt") / "corpora" / "tinyshakespeare.txt.gz"
     try:
-        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as response:
-            payload = response.read()
-    except OSError as exc:
-        raise DataError(
-            f"could not download Tiny Shakespeare from {TINY_SHAKESPEARE_URL} ({exc}); "
-            "pass --data PATH to a local copy of the text"
-        ) from None
+        payload = gzip.decompress(packaged.read_bytes())
+    except (OSError, EOFError) as exc:
+        raise DataError(f"the packaged Tiny Shakespeare ({packaged}) cannot be read ({exc}); reinstall scratchgpt "
+                        "or pass --data PATH to a copy of the text") from None
     if hashlib.sha256(payload).hexdigest() != TINY_SHAKESPEARE_SHA256:
-        raise DataError(f"the file downloaded from {TINY_SHAKESPEARE_URL} has the wrong SHA-256; pass --data PATH instead")
+        raise DataError(f"the packaged Tiny Shakespeare ({packaged}) has the wrong SHA-256; reinstall scratchgpt "
+                        "or pass --data PATH to a copy of the text")
+    target.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_bytes(target, payload)
     return target
 
