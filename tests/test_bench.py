@@ -11,7 +11,7 @@ from scratchgpt.bench import baseline_config
 from scratchgpt.cli import main
 from scratchgpt.config import config_from_preset
 from scratchgpt.optim import configure_optimizer
-from scratchgpt.train import cpu_supports_bf16, cpu_threads, train
+from scratchgpt.train import cpu_supports_bf16, train
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--device", "cpu"]
 
@@ -33,15 +33,6 @@ def test_bench_train_json_reports_both_paths_consistently(small_corpus, capsys):
     # fused kernel is one of the fast path's choices, so only the config's path gets it.
     assert settings["baseline"] == {"dtype": "float32", "compile": False, "attention": "sdpa",
                                     "adamw": "pytorch default"}
-
-
-def test_cpu_threads_sets_and_restores_the_thread_count():
-    before = torch.get_num_threads()
-    with cpu_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    with cpu_threads(0):  # 0 leaves PyTorch's setting alone
-        assert torch.get_num_threads() == before
 
 
 def test_negative_threads_is_refused(small_corpus, capsys):

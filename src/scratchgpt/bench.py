@@ -24,12 +24,12 @@ from .config import Config
 from .data import BatchSampler, dataset_from_config
 from .model import build_model
 from .optim import configure_optimizer
+from .threads import governed, threads_now
 from .train import (
     accumulate_gradients,
     apply_gradients,
     autocast_dtype,
     compile_model,
-    cpu_threads,
     resolve_device,
 )
 
@@ -88,9 +88,10 @@ def baseline_config(config: Config) -> Config:
 def bench_train(config: Config, steps: int = 40, warmup: int = 5, block: int = 5) -> dict:
     """Median tokens/s of `config`'s training step and of its plain baseline (`baseline_config`), interleaved.
 
-    Both run with the config's CPU thread count (`threads`), a setting of the machine rather
-    than of the training path."""
-    with cpu_threads(config.train.threads):
+    Both run with the same CPU thread count, a setting of the machine rather than of the
+    training path: the config's `threads`, or, for 0, what the machine's load allows at the
+    start, held fixed so that the two paths compare."""
+    with governed(threads_now(config.train.threads)):
         return _bench_train(config, steps, warmup, block)
 
 

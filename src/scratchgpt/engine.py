@@ -36,6 +36,7 @@ import torch
 from .errors import ScratchGPTError
 from .model import Bigram, KVCache
 from .sample import repetition_penalty_filter, sample_next
+from .threads import tick
 
 
 class SamplingError(ScratchGPTError, ValueError):
@@ -113,6 +114,7 @@ def decode(
             return
         start = window_start(tokens.size(1), start, block_size, keep)
         with lock:
+            tick()  # the CPU thread count follows the machine's load (threads.py)
             if last_token_only:
                 logits = model(tokens[:, -1:])[0][:, -1]  # (B, 1) -> (B, V)
             elif not cached:  # the reference: the whole window, every step
@@ -247,7 +249,7 @@ class SamplingSettings:
             if not ok:
                 raise SamplingError(f"{name(field_name)} must be {rule}, got {value!r}", name(field_name))
 
-        check(self.max_new_tokens >= 0, "max_new_tokens", ">= 0", self.max_new_tokens)
+        check(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
         check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", ">= 0 (0 is greedy)", self.temperature)
         check(self.top_k is None or self.top_k >= 1, "top_k", ">= 1", self.top_k)
         check(self.top_p is None or (math.isfinite(self.top_p) and 0 < self.top_p <= 1), "top_p", "in (0, 1]", self.top_p)

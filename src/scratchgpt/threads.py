@@ -1,0 +1,181 @@
+"""CPU threads for PyTorch's kernels, fitted to the cores that other programs leave free.
+
+PyTorch runs each operation on one OpenMP thread per core, and the threads wait for each
+other at the end of every operation. When another program holds a core, one of our threads
+keeps losing it, and the others spin at every barrier until it comes back: on 2 cores beside a
+busy loop, training with 2 threads ran at 32% of its idle speed while 1 thread kept 60%
+(BENCHMARKS.md, "A busy machine"). So a `ThreadGovernor` reads, about once a second, how much
+CPU the rest of the machine used (the machine's busy time minus this process's own), and sets
+PyTorch's thread count to the cores left free. An idle machine keeps PyTorch's default.
+
+One governor is active per process (`governed`); the loops that run the model call `tick()`
+between steps, which costs a clock read until a second has passed. With `--threads N`, or
+`OMP_NUM_THREADS` set, the count is the user's and nothing adapts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psutil
+import torch
+
+INTERVAL_SECONDS = 1.0  # how often the machine's load is read
+FREE_SHARE = 0.6  # a core counts as free when others left at least this share of it idle
+_DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per physical core), before anyone changes it
+
+
+def _our_cpus() -> list[int]:
+    """The logical CPUs this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity API, every CPU
+        return list(range(psutil.cpu_count() or 1))
+
+
+def _busy_seconds(cpus: list[int]) -> float:
+    """CPU seconds spent not idle, summed over `cpus`, since boot (every process's, ours included)."""
+    per_cpu = psutil.cpu_times(percpu=True)
+    total = 0.0
+    for i in cpus:
+        if i < len(per_cpu):
+            t = per_cpu[i]
+            # guest time is already inside user time on Linux; steal is a core taken by the hypervisor
+            total += t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + \
+                getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
+    return total
+
+
+def threads_for(free_cores: float, most: int) -> int:
+    """How many threads `free_cores` idle cores carry: each core free for at least FREE_SHARE of its time."""
+    return max(1, min(most, math.floor(free_cores + 1.0 - FREE_SHARE)))
+
+
+class ThreadGovernor:
+    """Keeps `torch.get_num_threads()` at the number of cores other processes leave free."""
+
+    def __init__(self, say: Callable[[str], None] | None = None, most: int | None = None):
+        self.cpus = _our_cpus()
+        self.most = most or _DEFAULT_THREADS
+        self.say = say or (lambda message: None)
+        self.threads = self.most
+        self.others = 0.0  # cores the rest of the machine used in the last reading
+        self._pending_raise = 0  # readings in a row that allowed more threads
+        self._noted = False
+        self._last = self._reading()
+        self._next = self._last[0] + INTERVAL_SECONDS
+        torch.set_num_threads(self.threads)
+
+    def _reading(self) -> tuple[float, float, float]:
+        return time.monotonic(), _busy_seconds(self.cpus), time.process_time()
+
+    def measure(self) -> float:
+        """Cores the other processes used since the last reading."""
+        now = self._reading()
+        wall, busy, ours = (b - a for a, b in zip(self._last, now, strict=True))
+        self._last = now
+        return max(0.0, (busy - ours) / wall) if wall > 0 else 0.0
+
+    def tick(self) -> None:
+        """Between two steps: re-read the load once INTERVAL_SECONDS have passed, and apply the count."""
+        if time.monotonic() >= self._next:
+            self.adjust(self.measure())
+            self._next = time.monotonic() + INTERVAL_SECONDS
+        if torch.get_num_threads() != self.threads:  # the count is per thread: a server worker may not have it yet
+            torch.set_num_threads(self.threads)
+
+    def adjust(self, others: float) -> None:
+        """Set the count for a machine where other processes use `others` cores.
+
+        Fewer threads at once (each second at too many costs most of it); more threads only
+        after two readings agree, so that a short lull does not bring the collapse back.
+        """
+        self.others = others
+        target = threads_for(len(self.cpus) - others, self.most)
+        if target < self.threads:
+            self._pending_raise = 0
+            self._set(target)
+        elif target > self.threads:
+            self._pending_raise += 1
+            if self._pending_raise >= 2:
+                self._pending_raise = 0
+                self._set(target)
+        else:
+            self._pending_raise = 0
+
+    def _set(self, threads: int) -> None:
+        if not self._noted:
+            self._noted = True
+            self.say(f"note: other programs are using about {self.others:.1f} of this machine's {len(self.cpus)} cores; "
+                     f"running on {threads} thread{'s' if threads > 1 else ''} instead of {self.threads} to keep pace "
+                     "(the count follows the load; --threads N fixes it)")
+        self.threads = threads
+        torch.set_num_threads(threads)
+
+
+_active: ThreadGovernor | None = None
+
+
+def tick() -> None:
+    """Called between steps by every loop that runs the model; does nothing unless a governor is active."""
+    if _active is not None:
+        _active.tick()
+
+
+def adaptive(requested: int) -> bool:
+    """Whether the thread count adapts: only when neither `--threads` nor OMP_NUM_THREADS chose it."""
+    return requested == 0 and not os.environ.get("OMP_NUM_THREADS")
+
+
+@contextmanager
+def governed(requested: int = 0, say: Callable[[str], None] | None = None) -> Iterator[ThreadGovernor | None]:
+    """Run the block with `requested` CPU threads, or, for 0, with a governor that follows the load.
+
+    PyTorch's thread count is restored afterwards, so a library caller's setting survives.
+    """
+    global _active
+    before = torch.get_num_threads()
+    previous = _active
+    try:
+        if requested:
+            torch.set_num_threads(requested)
+        _active = ThreadGovernor(say) if adaptive(requested) else None
+        yield _active
+    finally:
+        _active = previous
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class SlowdownWatch:
+    """Says once when a run falls far below the speed it reached earlier: the user should know why."""
+
+    def __init__(self, say: Callable[[str], None], ratio: float = 0.5, windows: int = 3):
+        self.say, self.ratio, self.windows = say, ratio, windows
+        self.best = 0.0
+        self.slow_windows = 0
+        self.said = False
+
+    def observe(self, tokens_per_second: float) -> None:
+        """One measurement window's speed; `windows` slow ones in a row (not one evaluation's pause) warn."""
+        self.best = max(self.best, tokens_per_second)
+        self.slow_windows = self.slow_windows + 1 if tokens_per_second < self.ratio * self.best else 0
+        if self.slow_windows >= self.windows and not self.said:
+            self.said = True
+            load = f" (about {_active.others:.1f} of {len(_active.cpus)} cores)" if _active else ""
+            self.say(f"warning: training slowed to {tokens_per_second:,.0f} tokens/s, {tokens_per_second / self.best:.0%} of "
+                     f"the {self.best:,.0f} it reached earlier: other programs are using the CPU{load}; close them if you "
+                     "can, or set --threads N to the cores you know are free")
+
+
+def threads_now(requested: int = 0, seconds: float = 0.5) -> int:
+    """A fixed thread count for a measurement (`bench`): `requested`, or what the load allows now."""
+    if not adaptive(requested):
+        return requested or torch.get_num_threads()
+    governor = ThreadGovernor()
+    time.sleep(seconds)
+    return threads_for(len(governor.cpus) - governor.measure(), governor.most)

@@ -1,0 +1,108 @@
+"""The CPU thread count follows the cores other programs leave free (threads.py)."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from scratchgpt import threads
+from scratchgpt.cli import main
+from scratchgpt.threads import SlowdownWatch, ThreadGovernor, governed, threads_for
+
+
+def test_threads_for_counts_cores_free_for_most_of_their_time():
+    assert threads_for(2.0, most=2) == 2  # an idle machine keeps every thread
+    assert threads_for(1.7, most=2) == 2  # 0.3 of a core busy elsewhere: still free enough
+    assert threads_for(1.33, most=2) == 1  # a busy loop's share beside our two threads
+    assert threads_for(1.0, most=2) == 1
+    assert threads_for(0.2, most=2) == 1  # never fewer than one
+    assert threads_for(7.0, most=4) == 4  # never more than PyTorch's own choice
+
+
+@pytest.fixture
+def governor(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    g = ThreadGovernor(most=2)
+    yield g
+    torch.set_num_threads(before)
+
+
+def test_governor_drops_at_once_and_rises_only_when_two_readings_agree(governor):
+    governor.cpus = [0, 1]
+    assert governor.threads == 2
+    governor.adjust(others=1.0)
+    assert governor.threads == 1 and torch.get_num_threads() == 1
+    governor.adjust(others=0.0)  # one quiet second is not enough
+    assert governor.threads == 1
+    governor.adjust(others=0.9)  # the load came back: the count stays, and the streak restarts
+    governor.adjust(others=0.0)
+    assert governor.threads == 1
+    governor.adjust(others=0.1)
+    assert governor.threads == 2 and torch.get_num_threads() == 2
+
+
+def test_governor_says_once_why_it_changed_the_count(governor):
+    said = []
+    governor.say = said.append
+    governor.cpus = [0, 1]
+    governor.adjust(1.2)
+    governor.adjust(0.0)
+    governor.adjust(0.0)
+    governor.adjust(1.2)
+    assert len(said) == 1 and "1.2 of this machine's 2 cores" in said[0] and "--threads N" in said[0]
+
+
+def test_a_busy_process_counts_as_load_and_our_own_work_does_not(governor):
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        governor.measure()
+        time.sleep(1.5)
+        with_busy = governor.measure()
+    finally:
+        busy.kill()
+        busy.wait()
+    torch.set_num_threads(2)
+    a = torch.randn(256, 256)
+    governor.measure()
+    start = time.monotonic()
+    while time.monotonic() - start < 1.5:  # this process keeps both cores busy
+        a @ a
+    own = governor.measure()
+    assert with_busy > 0.6, with_busy
+    assert own < with_busy - 0.4, (own, with_busy)
+
+
+def test_governed_fixes_or_adapts_and_restores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    with governed(1) as g:
+        assert g is None and torch.get_num_threads() == 1
+        threads.tick()  # no governor: nothing changes
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with governed(0) as g:
+        assert isinstance(g, ThreadGovernor) and threads._active is g
+    assert threads._active is None and torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user chose: nothing adapts
+    with governed(0) as g:
+        assert g is None
+
+
+def test_slowdown_is_said_once_after_several_slow_windows():
+    said = []
+    watch = SlowdownWatch(said.append, ratio=0.5, windows=3)
+    for speed in [1000, 1100, 400, 1000, 400, 400, 1000]:  # one slow window (an evaluation) says nothing
+        watch.observe(speed)
+    assert said == []
+    for speed in [400, 300, 300]:
+        watch.observe(speed)
+    assert len(said) == 1 and "27% of the 1,100" in said[0]
+
+
+def test_threads_flag_on_sample_and_eval_is_checked(capsys):
+    assert main(["sample", "--checkpoint", "nowhere", "--threads", "-2"]) == 1
+    assert "--threads must be >= 0" in capsys.readouterr().err
