@@ -180,3 +180,34 @@ def test_periodic_checkpoints_keep_the_last_k(tmp_path, small_corpus):
     run = tmp_path / "run"
     train(tiny_config(small_corpus, max_steps=25, save_every=5, keep_checkpoints=2), run, progress=False)
     assert sorted(p.name for p in run.glob("step-*")) == ["step-000020", "step-000025"]
+
+
+def test_sigterm_during_an_evaluation_stops_it_within_seconds_and_keeps_last(tmp_path, small_corpus):
+    run = tmp_path / "run"
+    # The last step's evaluation is long (1500 batches a split); its log row is written just before it starts.
+    cmd = train_cmd(small_corpus, run, 1000, "--eval-interval", "1000", "--eval-iters", "1500")
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"kind": "train", "step": 1000,' in metrics.read_text():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=10)  # within seconds, not after the evaluation and the full validation pass
+    assert code == 130, proc.stderr.read().decode()
+    _, _, _, meta = load_checkpoint(run / "last")  # whole: every file matches its checksum
+    assert meta["step"] == 1000 and meta["interrupted"] is True and "full_val" not in meta
+    evals = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line]
+    assert evals == []  # the evaluation was cut short, so it logged nothing
+
+
+def test_sigterm_during_the_full_validation_pass_saves_last_and_reports_interrupted(tmp_path, small_corpus):
+    def log(message: str) -> None:
+        if message.startswith("step 20:"):  # the last estimate is done; the full validation pass comes next
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = train(tiny_config(small_corpus), tmp_path / "run", progress=False, log=log)
+    assert result.interrupted and result.steps == 20
+    meta = json.loads((tmp_path / "run" / "last" / "meta.json").read_text())
+    assert meta["step"] == 20 and meta["interrupted"] is True and "full_val" not in meta

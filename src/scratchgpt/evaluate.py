@@ -14,12 +14,33 @@ on the same text.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from .threads import tick
+
+PROGRESS_DELAY_SECONDS = 2.0  # an evaluation shows a progress bar only once it has lasted this long
+
+
+class EvaluationStopped(Exception):
+    """An evaluation was told to stop (Ctrl-C or SIGTERM during training) between two batches."""
+
+
+@contextmanager
+def progress_bar(total: int, description: str, enabled: bool) -> Iterator[tqdm]:
+    """A bar for a long evaluation: it appears after PROGRESS_DELAY_SECONDS and vanishes when done."""
+    bar = tqdm(total=total, desc=description, unit="batch", leave=False, delay=PROGRESS_DELAY_SECONDS,
+               disable=not enabled, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 @dataclass
@@ -50,11 +71,15 @@ def evaluate_split(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     n_bytes: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool = False,
+    description: str = "evaluating",
 ) -> EvalResult:
     """Mean next-token loss over every position of `ids`, in windows of the model's block_size.
 
     `n_chars` and `n_bytes` are the characters and bytes of text the scored tokens (all but
-    the first) cover; they turn the loss into bits per character and per byte.
+    the first) cover; they turn the loss into bits per character and per byte. Between two
+    batches, a true `should_stop()` raises EvaluationStopped.
     """
     block_size = model.config.block_size
     device = torch.device(device)
@@ -75,12 +100,18 @@ def evaluate_split(
     starts = [i * block_size for i in range(n_full)]
     was_training = model.training
     model.eval()
+    batches = [(starts[i : i + batch_size], block_size) for i in range(0, n_full, batch_size)]
+    if n_targets % block_size:  # the last, shorter window
+        batches.append(([n_full * block_size], n_targets % block_size))
     total = 0.0
     try:
-        for i in range(0, n_full, batch_size):
-            total += summed_loss(starts[i : i + batch_size], block_size)
-        if n_targets % block_size:  # the last, shorter window
-            total += summed_loss([n_full * block_size], n_targets % block_size)
+        with progress_bar(len(batches), description, progress) as bar:
+            for batch_starts, length in batches:
+                if should_stop and should_stop():
+                    raise EvaluationStopped
+                tick()
+                total += summed_loss(batch_starts, length)
+                bar.update(1)
     finally:
         model.train(was_training)
     loss = total / n_targets
