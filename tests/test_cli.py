@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import subprocess
@@ -23,6 +24,7 @@ def trained_run(tmp_path_factory, small_corpus):
 def test_train_writes_a_run(trained_run, capsys):
     assert (trained_run / "best" / "model.safetensors").is_file()
     assert (trained_run / "last" / "optimizer.safetensors").is_file()
+    assert (trained_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn with no extra installed
     config = json.loads((trained_run / "last" / "config.json").read_text())
     assert config["model"]["n_layer"] == 1 and config["train"]["max_steps"] == 12
 
@@ -114,10 +116,12 @@ def test_unknown_prompt_character_is_named(trained_run, capsys):
     assert captured.out == ""  # refused before the prompt is echoed
 
 
-@pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "0"], ["--max-new-tokens", "-1"]])
+@pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "0"], ["--max-new-tokens", "-1"],
+                                  ["--max-new-tokens", "0"], ["--num-samples", "0"]])
 def test_bad_sampling_values_are_refused(trained_run, flag, capsys):
     assert main(["sample", "--checkpoint", str(trained_run), *flag]) == 1
-    assert flag[0] in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert flag[0] in err and err.count("\n") == 1
 
 
 def test_bad_flag_and_python_m_entry_point(tmp_path):
@@ -127,6 +131,34 @@ def test_bad_flag_and_python_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scratchgpt", "sample", "--checkpoint", str(tmp_path / "none")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,prog", [(["train", "--nope"], "scratchgpt train"),
+                                       (["bench", "train", "--nope"], "scratchgpt bench train"),
+                                       (["plot", "run", "--nope"], "scratchgpt plot")])
+def test_unknown_flag_points_to_the_subcommands_help(argv, prog, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == f"{prog}: error: unrecognized arguments: --nope (see {prog} --help)\n"
+
+
+def test_every_config_flag_says_what_it_does():
+    import argparse
+
+    from scratchgpt.cli import build_parser
+    from scratchgpt.config import FIELD_HELP, SECTIONS
+
+    assert {s: set(h) for s, h in FIELD_HELP.items()} == {s: {f.name for f in dataclasses.fields(c)} for s, c in SECTIONS.items()}
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    config_flags = [a for a in train._actions if "." in a.dest]
+    assert len(config_flags) > 40
+    for action in config_flags:
+        what = action.help.split(" (preset's value")[0]
+        assert len(what) >= 12 and not what.startswith("preset"), f"{action.option_strings[0]} needs a help sentence"
+    help_text = " ".join(train.format_help().split())
+    assert "--n-layer N_LAYER transformer blocks stacked (preset's value; default 4)" in help_text
+    assert "adapt to the cores other programs leave free (preset's value)" in help_text
 
 
 def test_presets_and_help(capsys):

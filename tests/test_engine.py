@@ -261,8 +261,9 @@ def test_stream_completion_stops_and_reports_logprobs():
 
 
 def test_settings_are_validated_with_the_callers_names():
-    with pytest.raises(SamplingError, match="max_tokens must be >= 0"):
-        SamplingSettings(max_new_tokens=-1).validate({"max_new_tokens": "max_tokens"})
+    for bad_length in (-1, 0):
+        with pytest.raises(SamplingError, match="max_tokens must be >= 1"):
+            SamplingSettings(max_new_tokens=bad_length).validate({"max_new_tokens": "max_tokens"})
     for bad in (dict(temperature=-0.5), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(repetition_penalty=0),
                 dict(num_samples=0), dict(stop=[""])):
         with pytest.raises(SamplingError):

@@ -120,6 +120,7 @@ def test_the_official_openai_client_works(served):
     ({"prompt": "the", "top_p": 0}, "top_p must be in (0, 1]"),
     ({"prompt": "the", "top_p": 1.5}, "top_p must be in (0, 1]"),
     ({"prompt": "the", "max_tokens": CAP + 1}, f"max_tokens must be <= {CAP}"),
+    ({"prompt": "the", "max_tokens": 0}, "max_tokens must be >= 1"),
     ({"prompt": "the \u03a9"}, "'\u03a9'"),
     ({"prompt": "the", "n": 0}, "n must be between 1 and"),
     ({"prompt": "the", "temperature": "hot"}, "temperature"),

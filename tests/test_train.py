@@ -100,6 +100,7 @@ def test_short_training_run_lowers_val_loss_and_writes_the_run(tmp_path, small_c
     for name in ("best", "last"):
         assert (tmp_path / "run" / name / "model.safetensors").is_file()
     assert (tmp_path / "run" / "samples.txt").read_text().count("=== step") == 3
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads((tmp_path / "run" / "last" / "meta.json").read_text())
     assert meta["step"] == 60 and meta["full_val"]["val_loss"] == pytest.approx(result.full_val_loss)
 

@@ -1,4 +1,4 @@
-"""The `scratchgpt` command: train, sample, eval, bench, serve, presets.
+"""The `scratchgpt` command: train, sample, eval, bench, serve, presets, export, import, plot.
 
 Every config field becomes a flag (`n_layer` -> `--n-layer`), so a preset is a starting point
 and anything in it can be changed from the command line. Errors the user can fix are printed
@@ -16,12 +16,15 @@ import shutil
 import sys
 import time
 import typing
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from .allocator import keep_freed_memory
-from .config import SECTIONS, config_from_preset, load_preset, preset_names
+from .config import FIELD_HELP, SECTIONS, config_from_preset, load_preset, preset_names
 from .errors import ScratchGPTError
+from .plot import X_AXES
+from .threads import governed, threads_now
 
 # Flags whose names differ from the config field they set, and fields with no flag.
 FLAG_NAMES = {("train", "learning_rate"): "--lr", ("data", "path"): "--data"}
@@ -55,6 +58,7 @@ MAIN_EXAMPLES = """examples:
   scratchgpt train --preset cpu-baby --out runs/baby
   scratchgpt sample --checkpoint runs/baby --prompt "ROMEO:"
   scratchgpt eval --checkpoint runs/baby
+  scratchgpt plot runs/baby runs/big --out compare.png     # loss curves of two runs in one figure
   scratchgpt COMMAND --help      # each command's options and examples
 """
 PRESETS_EXAMPLES = """examples:
@@ -68,6 +72,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Unknown arguments are reported by the command that was given them, so its own --help is named."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            _chosen_parser(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost (sub)command parser that `args` went through, such as that of `scratchgpt bench train`."""
+    for action in parser._actions:  # argparse has no public way to list subcommands
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _chosen_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
 
 
 def _field_type(annotation: Any) -> type:
@@ -84,11 +103,24 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             flag = FLAG_NAMES.get((section, field.name), "--" + field.name.replace("_", "-"))
             dest = f"{section}.{field.name}"
             kind = _field_type(field.type)
-            default_text = f"preset's; default {field.default!r}"
+            help_text = _flag_help(FIELD_HELP[section][field.name], field.default)
             if kind is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=default_text)
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
-                group.add_argument(flag, dest=dest, type=kind, default=None, metavar=field.name.upper(), help=default_text)
+                group.add_argument(flag, dest=dest, type=kind, default=None, metavar=field.name.upper(), help=help_text)
+
+
+def _flag_help(what: str, default: Any) -> str:
+    """'transformer blocks stacked (preset's value; default 4)': the default is not repeated when `what` names it."""
+    note = "preset's value" if "(default)" in what else f"preset's value; default {default!r}"
+    return f"{what} ({note})"
+
+
+def _add_device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where the model runs: auto picks cuda, then mps, then cpu (default auto)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for PyTorch's kernels; 0 (default): follow the cores other programs leave free")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -121,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Continue a prompt with a trained model, streaming characters as they are generated.")
     p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample, at least 1 (default 500)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (always the most likely token)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose probability adds up to p")
@@ -131,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a sample where TEXT appears (not included); repeatable; in bash $'\\n' is a newline")
     p.add_argument("--no-kv-cache", action="store_true", help="full forward pass per token: the slow reference path")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    _add_device_flags(p)
 
     p = commands.add_parser("eval", help="loss on the whole validation split", epilog=EVAL_EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -142,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="text to evaluate on: a file, a directory or a glob (default: the checkpoint's training text)")
     p.add_argument("--encoding", help="the text's encoding (default: the checkpoint's, normally utf-8)")
     p.add_argument("--skip-bad-files", action="store_true", default=None, help="leave out files that are not text")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--batch-size", type=int, default=32, help="windows scored at once; only speed and memory change (default 32)")
+    _add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     _add_bench_parser(commands)
@@ -152,7 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the presets", description="List the presets shipped with scratchgpt.",
                         epilog=PRESETS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_interop_parsers(commands)
+    _add_plot_parser(commands)
     return parser
+
+
+PLOT_EXAMPLES = """examples:
+  scratchgpt plot runs/baby                                 # draw runs/baby/loss.png again
+  scratchgpt plot runs/baby runs/big --out compare.png      # val loss of both runs in one figure
+  scratchgpt plot runs/adamw runs/muon --x time --labels AdamW Muon --out optimizers.svg
+"""
+
+
+def _add_plot_parser(commands) -> None:
+    p = commands.add_parser("plot", help="draw a run's loss curves, or compare several runs", epilog=PLOT_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="From a run's metrics.jsonl, draw the train loss per logged step, the train and "
+                                        "val estimates at each evaluation and the learning rate (what train writes to "
+                                        "loss.png). Given several runs, overlay their val estimates and faint per-step "
+                                        "train losses, one colour per run.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a run directory written by scratchgpt train --out")
+    p.add_argument("--out", metavar="FILE", help="the image to write, its suffix picking the format (.png, .svg, .pdf); "
+                                                 "default RUN/loss.png for one run, comparison.png in the current "
+                                                 "directory for several")
+    p.add_argument("--x", default="step", choices=X_AXES,
+                   help="the x axis: optimizer steps, tokens seen, or elapsed seconds (time: evaluations only, "
+                        "as per-step rows carry no time) (default step)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="legend names, one per RUN, given after the runs "
+                                                                "(default: the directory names)")
 
 
 BENCH_EXAMPLES = """examples:
@@ -198,7 +256,7 @@ def _add_bench_sample_parser(kinds) -> None:
     p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
     p.add_argument("--max-new-tokens", type=int, default=1000, help="tokens generated by each path (default 1000)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    _add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -218,9 +276,9 @@ def _add_serve_parser(commands) -> None:
                                         "pip install 'scratchgpt[serve]'.")
     p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="refuse requests for more new tokens than this (default 2048)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    _add_device_flags(p)
 
 
 EXPORT_EXAMPLES = """examples:
@@ -454,7 +512,8 @@ def cmd_bench_sample(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise ScratchGPTError("--prompt must not be empty (the default is a newline)")
     model, tokenizer, _, _ = load_checkpoint(args.checkpoint, resolve_device(args.device))
-    result = bench_sample(model, tokenizer.encode(args.prompt), args.max_new_tokens)
+    with governed(threads_now(args.threads)):  # fixed for the measurement, so that both paths compare
+        result = bench_sample(model, tokenizer.encode(args.prompt), args.max_new_tokens)
     if args.json:
         print(json.dumps(result))
     else:
@@ -477,10 +536,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run, plot_runs
+
+    if args.labels and len(args.labels) != len(args.runs):
+        raise ScratchGPTError(f"--labels needs one label per RUN: got {len(args.labels)} for {len(args.runs)} runs")
+    if len(args.runs) == 1:
+        path = plot_run(args.runs[0], args.out, args.x, title=args.labels[0] if args.labels else None)
+    else:
+        path = plot_runs(args.runs, args.out or "comparison.png", args.x, args.labels)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         print(f"{name:18s} {load_preset(name).get('description', '')}")
     return 0
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,9 +575,14 @@ def _main(argv: list[str] | None) -> int:
         # Not for `bench`, whose two paths share one heap unlike any training run (BENCHMARKS.md).
         keep_freed_memory()
     handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "presets": cmd_presets,
-               "serve": cmd_serve, "export": cmd_export, "import": cmd_import}[args.command]
+               "serve": cmd_serve, "export": cmd_export, "import": cmd_import, "plot": cmd_plot}[args.command]
     try:
-        return handler(args)
+        if getattr(args, "threads", 0) < 0:
+            raise ScratchGPTError(f"--threads must be >= 0 (0 follows the machine's load), got {args.threads}")
+        # `train` and `bench` choose their threads from their config; the others here.
+        governor = governed(args.threads, say=_note) if args.command in ("sample", "eval", "serve") else nullcontext()
+        with governor:
+            return handler(args)
     except ScratchGPTError as exc:
         print(f"scratchgpt {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -202,6 +202,68 @@ class Config:
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
+# What each field does, in a few words, for its --help line; docs/training.md says why at length.
+# A test checks that every field has one. No "%": argparse formats help strings.
+FIELD_HELP: dict[str, dict[str, str]] = {
+    "model": {
+        "model_type": '"gpt" (the transformer) or "bigram" (a next-token table, the baseline)',
+        "vocab_size": "number of token ids; filled in from the tokenizer",
+        "block_size": "context length in tokens",
+        "n_layer": "transformer blocks stacked",
+        "n_head": "attention heads per block; must divide --n-embd",
+        "n_embd": "width of the residual stream (the embedding size)",
+        "mlp_hidden": "MLP inner width; 0: 4 x n_embd",
+        "dropout": "probability of zeroing an activation during training",
+        "bias": "biases in Linear and LayerNorm layers",
+        "tie_weights": "share the token embedding with the LM head",
+        "attention": '"sdpa" (PyTorch\'s fused kernel) or "manual" (the textbook formula)',
+        "norm": '"layernorm" (GPT-2) or "rmsnorm"',
+        "position": '"learned" position embeddings, or "rope" (rotary, in attention)',
+        "rope_base": "RoPE's frequency base (with --position rope)",
+        "qk_norm": "RMS-normalise queries and keys per head before attention",
+        "activation": 'MLP nonlinearity: "gelu", "gelu_tanh" (GPT-2\'s), "relu2" or "swiglu"',
+        "zero_init_proj": "start every residual branch's output projection at zero",
+    },
+    "train": {
+        "batch_size": "training windows per step (per process)",
+        "grad_accum_steps": "micro-batches per optimizer step",
+        "max_steps": "optimizer steps in the run; 0 only with --time-budget",
+        "learning_rate": "peak learning rate, reached after warmup",
+        "min_lr": "learning rate at the end of the decay",
+        "warmup_steps": "steps of linear warmup up to --lr",
+        "lr_decay_steps": "step at which the decay reaches --min-lr; 0: --max-steps",
+        "lr_schedule": '"cosine", or "wsd" (warmup, stable, then linear decay)',
+        "decay_fraction": "wsd only: the share of the run spent decaying",
+        "time_budget": "seconds of wall clock for the whole run, the schedule following time; 0: off",
+        "weight_decay": "AdamW's weight decay, on matrices only",
+        "beta1": "Adam's decay of the running mean of gradients",
+        "beta2": "Adam's decay of the running mean of squared gradients",
+        "grad_clip": "largest global gradient norm; 0: no clipping",
+        "eval_interval": "steps between loss estimates (and samples, metrics.jsonl rows, saves of last/)",
+        "eval_iters": "batches per split in each loss estimate",
+        "sample_tokens": "length of the sample printed at each evaluation; 0: none",
+        "save_every": "also keep a checkpoint every N steps; 0: off",
+        "keep_checkpoints": "how many of those periodic checkpoints to keep; 0: all",
+        "seed": "seed of every random generator: same seed and config, same run",
+        "device": '"auto" (CUDA, then MPS, then CPU), "cpu", "cuda" or "mps"',
+        "dtype": 'autocast dtype: "auto" (bfloat16 where the hardware has it), "float32", "bfloat16" or "float16"',
+        "compile": "run the model through torch.compile",
+        "threads": "CPU threads for PyTorch's kernels; 0 (default): adapt to the cores other programs leave free",
+        "optimizer": '"adamw", or "muon" (Muon for the blocks\' matrices, AdamW for the rest)',
+        "muon_lr": "Muon's peak learning rate (follows the same schedule)",
+        "muon_momentum": "Muon's Nesterov momentum",
+        "init_from": 'checkpoint whose weights and tokenizer start this run (fine-tuning); "": from scratch',
+    },
+    "data": {
+        "path": 'a text file, a directory of them, or a glob; "": Tiny Shakespeare',
+        "tokenizer": '"char" (one token per character), "byte" (per UTF-8 byte) or "bpe" (learned byte-level BPE)',
+        "val_fraction": "share of the text, taken from its end, held out for validation",
+        "vocab_size": "bpe only: tokens in the learned vocabulary (256 bytes + merges)",
+        "encoding": "the files' text encoding (a Python codec name)",
+        "skip_bad_files": "leave out files that are not text in --encoding, instead of refusing them",
+    },
+}
+
 
 def _build(cls: type, values: dict[str, Any], section: str):
     known = {f.name for f in dataclasses.fields(cls)}

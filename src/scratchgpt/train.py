@@ -4,7 +4,7 @@ One step: fetch `grad_accum_steps` batches, run forward and backward under autoc
 global gradient norm, set the learning rate for this step, take an AdamW step. Every
 `eval_interval` steps: estimate train and val loss, print a sample, append to metrics.jsonl
 and samples.txt, save `last/` (and `best/` when the val loss improved). At the end: the full
-validation loss, a final save, and a loss-curve PNG when matplotlib is installed.
+validation loss, a final save, and loss.png (drawn by plot.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,10 +38,12 @@ from .config import Config, ModelConfig, TrainConfig
 from .data import BatchSampler, Dataset, dataset_from_config
 from .distributed import DistributedContext, all_sum, gather, setup, teardown
 from .errors import CheckpointError, ScratchGPTError, TokenizerError
-from .evaluate import evaluate_split
+from .evaluate import EvaluationStopped, evaluate_split, progress_bar
 from .model import build_model, count_parameters
 from .optim import configure_optimizer, set_learning_rate
+from .plot import plot_run
 from .sample import generate
+from .threads import SlowdownWatch, governed, tick
 
 
 class TrainingDiverged(ScratchGPTError):
@@ -239,23 +241,44 @@ def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
 # Evaluation during training
 
 
+def eval_batches(step: int, cfg: TrainConfig) -> int:
+    """Batches per split for the loss estimate at `step`: `eval_iters`, but no more than cost about
+    what the training since the last evaluation did (a forward pass is about a third of a step,
+    and there are two splits), so a short run of a big preset is not buried in its evaluations."""
+    steps_since_last = min(step, cfg.eval_interval) * cfg.grad_accum_steps
+    return max(1, min(cfg.eval_iters, math.ceil(1.5 * steps_since_last)))
+
+
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, data: Dataset, cfg: Config, device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
-    """Mean loss over `eval_iters` batches per split, drawn from the same windows at every evaluation."""
+def estimate_loss(model: torch.nn.Module, data: Dataset, cfg: Config, device: torch.device, amp: torch.dtype | None,
+                  step: int | None = None, should_stop: Callable[[], bool] | None = None,
+                  progress: bool = False) -> dict[str, float]:
+    """Mean loss over `eval_batches` batches per split, drawn from the same windows at every evaluation.
+
+    Raises EvaluationStopped between two batches once `should_stop()` is true.
+    """
+    n_batches = cfg.train.eval_iters if step is None else eval_batches(step, cfg.train)
     losses = {}
     was_training = model.training
     model.eval()
     ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
-    for split, ids in (("train", data.train_ids), ("val", data.val_ids)):
-        sampler = BatchSampler(ids, cfg.model.block_size, cfg.train.batch_size, seed=1234, device=device)
-        total = 0.0
-        for _ in range(cfg.train.eval_iters):
-            x, y = sampler.next_batch()
-            with ctx:
-                _, loss = model(x, y)
-            total += loss.item()
-        losses[split] = total / cfg.train.eval_iters
-    model.train(was_training)
+    try:
+        with progress_bar(2 * n_batches, "loss estimate", progress) as bar:
+            for split, ids in (("train", data.train_ids), ("val", data.val_ids)):
+                sampler = BatchSampler(ids, cfg.model.block_size, cfg.train.batch_size, seed=1234, device=device)
+                total = 0.0
+                for _ in range(n_batches):
+                    if should_stop and should_stop():
+                        raise EvaluationStopped
+                    tick()
+                    x, y = sampler.next_batch()
+                    with ctx:
+                        _, loss = model(x, y)
+                    total += loss.item()
+                    bar.update(1)
+                losses[split] = total / n_batches
+    finally:
+        model.train(was_training)
     return losses
 
 
@@ -394,31 +417,6 @@ def _prune_periodic(out: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _plot_metrics(metrics_path: Path, png_path: Path) -> bool:
-    try:  # a bare Figure draws to a file without pyplot, leaving the caller's backend alone (notebooks)
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-    evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    if train:
-        ax.plot(*zip(*train, strict=True), alpha=0.35, label="train (per step)")
-    if evals:
-        steps, tr, va = zip(*evals, strict=True)
-        ax.plot(steps, tr, "o-", label="train (estimate)")
-        ax.plot(steps, va, "o-", label="val (estimate)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    return True
-
-
 def train(
     config: Config,
     out_dir: str | Path,
@@ -438,28 +436,11 @@ def train(
     out = Path(out_dir)
     tcfg = config.train
     dist_ctx, device = setup(resolve_device(tcfg.device))
-    with cpu_threads(tcfg.threads):
+    with governed(tcfg.threads, log or tqdm.write):
         try:
             return _train(config, out, tcfg, dist_ctx, device, resume, progress, log, t0)
         finally:
             teardown(dist_ctx)
-
-
-@contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Run the block with `n` intra-op CPU threads (0: leave PyTorch's setting), then restore it.
-
-    PyTorch uses one thread per core. On a machine where another job holds a core, fewer
-    threads are much faster: OpenMP threads spin waiting for each other (BENCHMARKS.md).
-    """
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n and torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedContext, device: torch.device,
@@ -577,11 +558,13 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
     step = start_step
     interrupted = False
     step_seconds = 0.0  # recent duration of one step, so a budgeted run stops before overrunning
+    slowdown = SlowdownWatch(say)
     bar = tqdm(total=tcfg.max_steps or None, initial=start_step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     model.train()
     with _stop_on_signals() as stop:
         finished = step >= tcfg.step_limit
         while not finished:
+            tick()  # the CPU thread count follows the machine's load (threads.py)
             step_start = time.perf_counter()
             lr = lr_at(step, tcfg, elapsed() / training_seconds if tcfg.time_budget else None)
             set_learning_rate(optimizer, lr)
@@ -613,6 +596,8 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
                 tokens_per_second = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
                 append_metrics({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "tokens_per_second": tokens_per_second})
+                if step > start_step + 10:  # the first window holds the warm-up step
+                    slowdown.observe(tokens_per_second)
                 bar.set_postfix(loss=f"{recent_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
             bar.update(1)
 
@@ -621,7 +606,12 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
                 break
             if step % tcfg.eval_interval == 0 or finished:
                 # Every process evaluates the same fixed windows, so all agree on `improved`.
-                last_losses = estimate_loss(model, data, config, device, amp)
+                try:
+                    last_losses = estimate_loss(model, data, config, device, amp, step, should_stop=lambda: stop["stop"],
+                                                progress=progress and main)
+                except EvaluationStopped:
+                    interrupted = True
+                    break
                 val = last_losses["val"]
                 improved = val < best_val
                 best_val = min(best_val, val)
@@ -645,20 +635,24 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
                 save(f"step-{step:06d}", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"]})
                 if main:
                     _prune_periodic(out, tcfg.keep_checkpoints)
-    bar.close()
-
-    if interrupted:
-        say(f"interrupted: saving {out / 'last'} at step {step}")
-        save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "interrupted": True})
+        bar.close()
         full = None
-    else:
-        full = evaluate_split(model, data.val_ids, data.val_target_chars, batch_size=32, device=device,
-                              n_bytes=data.val_target_bytes)
-        say(f"full validation: loss {full.val_loss:.4f}, perplexity {full.val_perplexity:.2f}, "
-            f"bpc {full.val_bpc:.3f} over {full.val_tokens:,} tokens")
-        save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "full_val": full.to_dict()})
-        if main and _plot_metrics(metrics_path, out / "loss.png"):
-            say(f"loss curve: {out / 'loss.png'}")
+        if not interrupted:
+            try:
+                full = evaluate_split(model, data.val_ids, data.val_target_chars, batch_size=32, device=device,
+                                      n_bytes=data.val_target_bytes, should_stop=lambda: stop["stop"],
+                                      progress=progress and main, description="full validation")
+            except EvaluationStopped:
+                interrupted = True
+        if interrupted:
+            say(f"interrupted: saving {out / 'last'} at step {step}")
+            save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "interrupted": True})
+        else:
+            say(f"full validation: loss {full.val_loss:.4f}, perplexity {full.val_perplexity:.2f}, "
+                f"bpc {full.val_bpc:.3f} over {full.val_tokens:,} tokens")
+            save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "full_val": full.to_dict()})
+            if main:
+                say(f"loss curve: {plot_run(out)}")
     total_seconds = elapsed()
     return TrainResult(
         out_dir=str(out),
