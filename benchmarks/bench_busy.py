@@ -5,11 +5,12 @@ threads), this starts the load, then runs `scratchgpt train` in fresh processes,
 today's default (`--threads 0`, the count follows the machine's load) with the fixed count
 PyTorch would pick (`--threads N`, one per core: the default before threads.py), and reads
 each run's tokens/s from its metrics.jsonl (the harmonic mean of the 10-step windows after the
-first, so the adaptation's first seconds count). Then it times `scratchgpt eval` the same way.
+first, so the adaptation's first seconds count). Then it times `scratchgpt eval` (the whole
+validation split) and `scratchgpt sample` (greedy, KV-cached) as whole commands the same way.
 All figures of one invocation come from the same minutes of the same machine: compare ratios.
 
     python benchmarks/bench_busy.py                       # cpu-baby, 400 steps, 3 rounds
-    python benchmarks/bench_busy.py --steps 200 --rounds 1 --json
+    python benchmarks/bench_busy.py --loads idle "PyTorch job" --steps 60 --rounds 2
 """
 
 from __future__ import annotations
@@ -67,20 +68,32 @@ def eval_seconds(checkpoint: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
+def sample_seconds(checkpoint: Path, threads: int, tokens: int) -> float:
+    cmd = [sys.executable, "-m", "scratchgpt", "sample", "--checkpoint", str(checkpoint), "--threads", str(threads),
+           "--prompt", "ROMEO:", "--max-new-tokens", str(tokens), "--temperature", "0"]
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu-baby")
     parser.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each setting under each load (default 3)")
+    parser.add_argument("--loads", nargs="+", default=list(LOADS), choices=list(LOADS), metavar="LOAD",
+                        help=f"which loads, among {list(LOADS)} (default all; put idle first: the percentages need it)")
+    parser.add_argument("--sample-tokens", type=int, default=1000, help="greedy tokens per sample command (default 1000)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     fixed = torch.get_num_threads()  # PyTorch's default in a fresh process: one per core
     settings = {"adaptive (--threads 0, default)": 0, f"fixed (--threads {fixed}, the old default)": fixed}
-    train: dict[str, dict[str, list[float]]] = {load: {name: [] for name in settings} for load in LOADS}
-    evals: dict[str, dict[str, list[float]]] = {load: {name: [] for name in settings} for load in LOADS}
+    train: dict[str, dict[str, list[float]]] = {load: {name: [] for name in settings} for load in args.loads}
+    evals: dict[str, dict[str, list[float]]] = {load: {name: [] for name in settings} for load in args.loads}
+    samples: dict[str, dict[str, list[float]]] = {load: {name: [] for name in settings} for load in args.loads}
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        for load in LOADS:
+        for load in args.loads:
             procs = start_load(load)
             try:
                 for r in range(args.rounds):
@@ -88,22 +101,25 @@ def main() -> None:
                     for name, threads in order:
                         train[load][name].append(train_tokens_per_second(args.preset, args.steps, threads, run))
                         evals[load][name].append(eval_seconds(run, threads))
+                        samples[load][name].append(sample_seconds(run, threads, args.sample_tokens))
                         print(f"{load:12s} {name:36s} train {train[load][name][-1]:9,.0f} tokens/s  "
-                              f"eval {evals[load][name][-1]:6.1f} s", file=sys.stderr, flush=True)
+                              f"eval {evals[load][name][-1]:6.1f} s  sample {samples[load][name][-1]:6.1f} s",
+                              file=sys.stderr, flush=True)
             finally:
                 stop_load(procs)
     report = {"preset": args.preset, "steps": args.steps, "rounds": args.rounds, "cpu_count": os.cpu_count(),
-              "train_tokens_per_second": train, "eval_seconds": evals}
+              "train_tokens_per_second": train, "eval_seconds": evals, "sample_seconds": samples}
     if args.json:
         print(json.dumps(report))
         return
     idle = {name: statistics.median(train["idle"][name]) for name in settings}
     print(f"{args.preset}, {args.steps} steps, median of {args.rounds} runs; % of the same setting's idle speed")
-    print(f"{'load':12s} {'setting':36s} {'train tokens/s':>15s} {'% of idle':>9s} {'eval s':>7s}")
-    for load in LOADS:
+    print(f"{'load':12s} {'setting':36s} {'train tokens/s':>15s} {'% of idle':>9s} {'eval s':>7s} {'sample s':>8s}")
+    for load in args.loads:
         for name in settings:
             tps = statistics.median(train[load][name])
-            print(f"{load:12s} {name:36s} {tps:15,.0f} {tps / idle[name]:9.0%} {statistics.median(evals[load][name]):7.1f}")
+            print(f"{load:12s} {name:36s} {tps:15,.0f} {tps / idle[name]:9.0%} {statistics.median(evals[load][name]):7.1f} "
+                  f"{statistics.median(samples[load][name]):8.1f}")
     names = list(settings)
     print(f"idle: adaptive / fixed = {idle[names[0]] / idle[names[1]]:.3f}")
 

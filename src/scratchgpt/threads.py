@@ -25,6 +25,7 @@ import psutil
 import torch
 
 INTERVAL_SECONDS = 1.0  # how often the machine's load is read
+FIRST_READING_SECONDS = 0.5  # the first reading comes sooner: a short `sample` should not run half of it collapsed
 FREE_SHARE = 0.6  # a core counts as free when others left at least this share of it idle
 _DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per physical core), before anyone changes it
 
@@ -67,7 +68,7 @@ class ThreadGovernor:
         self._pending_raise = 0  # readings in a row that allowed more threads
         self._noted = False
         self._last = self._reading()
-        self._next = self._last[0] + INTERVAL_SECONDS
+        self._next = self._last[0] + FIRST_READING_SECONDS
         torch.set_num_threads(self.threads)
 
     def _reading(self) -> tuple[float, float, float]:
