@@ -211,3 +211,4 @@ def test_sigterm_during_the_full_validation_pass_saves_last_and_reports_interrup
     assert result.interrupted and result.steps == 20
     meta = json.loads((tmp_path / "run" / "last" / "meta.json").read_text())
     assert meta["step"] == 20 and meta["interrupted"] is True and "full_val" not in meta
+    assert (tmp_path / "run" / "loss.png").is_file()  # the curve so far is drawn anyway

@@ -651,8 +651,8 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
             say(f"full validation: loss {full.val_loss:.4f}, perplexity {full.val_perplexity:.2f}, "
                 f"bpc {full.val_bpc:.3f} over {full.val_tokens:,} tokens")
             save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "full_val": full.to_dict()})
-            if main:
-                say(f"loss curve: {plot_run(out)}")
+        if main and metrics_path.is_file():  # an interrupted run gets its curve too
+            say(f"loss curve: {plot_run(out)}")
     total_seconds = elapsed()
     return TrainResult(
         out_dir=str(out),
