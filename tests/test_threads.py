@@ -106,3 +106,19 @@ def test_slowdown_is_said_once_after_several_slow_windows():
 def test_threads_flag_on_sample_and_eval_is_checked(capsys):
     assert main(["sample", "--checkpoint", "nowhere", "--threads", "-2"]) == 1
     assert "--threads must be >= 0" in capsys.readouterr().err
+
+
+def test_the_callers_thread_count_is_the_ceiling_and_survives(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert threads.threads_now(0, seconds=0.05) == 1  # never more than the caller allowed
+        assert torch.get_num_threads() == 1  # and reading the load changes nothing
+        with governed(0) as g:
+            g.adjust(others=0.0)
+            g.adjust(others=0.0)
+            assert g.most == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

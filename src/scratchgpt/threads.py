@@ -27,7 +27,6 @@ import torch
 INTERVAL_SECONDS = 1.0  # how often the machine's load is read
 FIRST_READING_SECONDS = 0.5  # the first reading comes sooner: a short `sample` should not run half of it collapsed
 FREE_SHARE = 0.6  # a core counts as free when others left at least this share of it idle
-_DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per physical core), before anyone changes it
 
 
 def _our_cpus() -> list[int]:
@@ -61,7 +60,7 @@ class ThreadGovernor:
 
     def __init__(self, say: Callable[[str], None] | None = None, most: int | None = None):
         self.cpus = _our_cpus()
-        self.most = most or _DEFAULT_THREADS
+        self.most = most or torch.get_num_threads()  # PyTorch's choice, one per core, or the caller's cap
         self.say = say or (lambda message: None)
         self.threads = self.most
         self.others = 0.0  # cores the rest of the machine used in the last reading
@@ -69,7 +68,6 @@ class ThreadGovernor:
         self._noted = False
         self._last = self._reading()
         self._next = self._last[0] + FIRST_READING_SECONDS
-        torch.set_num_threads(self.threads)
 
     def _reading(self) -> tuple[float, float, float]:
         return time.monotonic(), _busy_seconds(self.cpus), time.process_time()
