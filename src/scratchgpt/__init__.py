@@ -5,18 +5,17 @@
     print(scratchgpt.generate_text(model, tokenizer, "ROMEO:", max_new_tokens=100, seed=1))
 """
 
-__version__ = "0.1.0"
+from pathlib import Path
 
-from pathlib import Path  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from .config import Config, DataConfig, ModelConfig, TrainConfig, config_from_preset  # noqa: E402
-from .errors import ScratchGPTError  # noqa: E402
-from .model import GPT, Bigram, build_model  # noqa: E402
-from .sample import generate, generate_text  # noqa: E402
-from .tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer  # noqa: E402
-from .train import TrainResult, train  # noqa: E402
+from .config import Config, DataConfig, ModelConfig, TrainConfig, config_from_preset
+from .errors import ScratchGPTError
+from .model import GPT, Bigram, build_model
+from .sample import generate, generate_text
+from .tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
+from .train import TrainResult, train
+from .version import __version__
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):

@@ -26,12 +26,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from . import __version__
 from .config import Config
 from .data import sha256_of
 from .errors import CheckpointError, ConfigError, TokenizerError
 from .model import build_model
 from .tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from .version import __version__
 
 FORMAT = "scratchgpt-checkpoint"
 FORMAT_VERSION = 1

@@ -25,6 +25,7 @@ from .config import FIELD_HELP, SECTIONS, config_from_preset, load_preset, prese
 from .errors import ScratchGPTError
 from .plot import X_AXES
 from .threads import governed, threads_now
+from .version import __version__
 
 # Flags whose names differ from the config field they set, and fields with no flag.
 FLAG_NAMES = {("train", "learning_rate"): "--lr", ("data", "path"): "--data"}
@@ -135,7 +136,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scratchgpt", description="A GPT built from scratch: train it on text, then sample from it.",
                      epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"scratchgpt {__import__('scratchgpt').__version__}")
+    parser.add_argument("--version", action="version", version=f"scratchgpt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     p = commands.add_parser("train", help="train a model", epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,

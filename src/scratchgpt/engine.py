@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ScratchGPTError
+from .filters import repetition_penalty_filter, sample_next
 from .model import Bigram, KVCache
-from .sample import repetition_penalty_filter, sample_next
 from .threads import tick
 
 

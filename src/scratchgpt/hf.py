@@ -30,12 +30,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ScratchGPTError, TokenizerError
 from .model import GPT
 from .tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
+from .version import __version__
 
 
 class InteropError(ScratchGPTError):

@@ -1,11 +1,8 @@
-"""Sampling: pure functions of logits and an explicit generator, and the generation loop.
+"""Generation's front doors: `generate` (token ids, step by step) and `generate_text` (a string).
 
-Each filter takes logits (..., V) and returns logits with the excluded tokens set to -inf
-(or, for the repetition penalty, lowered), so they compose and can be tested on their own.
-`sample_next` applies temperature, then top-k, then top-p, and draws with the caller's
-`torch.Generator`: the same seed gives the same text. The decoding loop itself, with its KV
-cache and its naive reference, lives in `engine.py`; `generate` and `generate_text` here are
-its simple front doors.
+Both run the decoding loop of `engine.py` (KV-cached, or the naive reference). The filters
+and the draw they apply to the logits are pure functions in `filters.py`, importable from
+here too.
 """
 
 from __future__ import annotations
@@ -13,58 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from .engine import SamplingSettings, decode, stream_completion
+from .filters import repetition_penalty_filter, sample_next, top_k_filter, top_p_filter
 
-def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
-    """Keep the k largest logits of each row; k of None or 0 (or >= V) keeps everything."""
-    if not k or k >= logits.size(-1):
-        return logits
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p."""
-    if p is None or p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = F.softmax(sorted_logits, dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
-    # A token is dropped once the tokens above it already reach p; the top token always stays.
-    drop_sorted = mass_before >= p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def repetition_penalty_filter(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Lower the logits (B, V) of tokens that occur in previous_ids (B, T) (Keskar et al., 2019).
-
-    A positive logit is divided by the penalty and a negative one multiplied by it, so a
-    penalty above 1 always makes a repeat less likely; 1 changes nothing.
-    """
-    if penalty == 1.0:
-        return logits
-    seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(-1, previous_ids, True)  # (B, V)
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V). Temperature 0 means argmax."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+__all__ = ["generate", "generate_text", "repetition_penalty_filter", "sample_next", "top_k_filter", "top_p_filter"]
 
 
 def generate(
@@ -84,8 +34,6 @@ def generate(
     With the KV cache by default; `use_cache=False` runs the naive reference (a full forward
     pass over the context at every step), which gives the same tokens.
     """
-    from .engine import decode
-
     for step in decode(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, generator=generator, use_cache=use_cache):
         yield step.ids
@@ -106,8 +54,6 @@ def generate_text(
     use_cache: bool = True,
 ) -> str:
     """Convenience wrapper: the prompt's continuation as a string, ended early by a stop string."""
-    from .engine import SamplingSettings, stream_completion
-
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=use_cache)
     return "".join(chunk.text for chunks in stream_completion(model, tokenizer, prompt, settings) for chunk in chunks)
