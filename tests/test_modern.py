@@ -1,5 +1,6 @@
 """The options beyond GPT-2: RoPE, RMSNorm, QK-norm, ReLU^2, SwiGLU, zero-initialised projections, Muon."""
 
+import dataclasses
 import math
 
 import pytest
@@ -165,3 +166,14 @@ def test_modern_muon_run_learns_and_resumes_exactly(tmp_path, small_corpus):
     a = load_checkpoint(tmp_path / "full" / "last")[0].state_dict()
     b = load_checkpoint(tmp_path / "split" / "last")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_muon_with_a_zero_learning_rate_trains_without_moving_a_weight(tmp_path, small_corpus):
+    config = tiny_config(small_corpus, optimizer="muon", learning_rate=0.0, min_lr=0.0, max_steps=5, eval_interval=5)
+    torch.manual_seed(config.train.seed)
+    result = train(config, tmp_path / "run", progress=False, log=lambda message: None)
+    model, _, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    torch.manual_seed(config.train.seed)  # train() seeds the same way before building the model
+    fresh = GPT(dataclasses.replace(model.config))
+    assert result.steps == 5
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))

@@ -143,8 +143,10 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **implementation)
     if not hidden:
         return adamw
+    # Muon follows the same schedule, as a multiple of it; a peak of 0 (--lr 0) freezes it too.
+    muon_scale = cfg.muon_lr / cfg.learning_rate if cfg.learning_rate > 0 else 0.0
     muon = Muon(
-        [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.learning_rate}],
+        [{"params": hidden, "lr_scale": muon_scale}],
         lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=True,
     )
     return MultiOptimizer(adamw, muon)
