@@ -8,15 +8,19 @@ from scratchgpt.data import (
     TINY_SHAKESPEARE_SHA256,
     BatchSampler,
     prepare_dataset,
-    split_text,
     tiny_shakespeare_path,
 )
 from scratchgpt.errors import DataError
 
 
-def test_split_is_first_90_percent_by_characters():
-    train, val = split_text("abcdefghij" * 10, 0.1)
-    assert len(train) == 90 and len(val) == 10 and train + val == "abcdefghij" * 10
+def test_split_is_first_90_percent_by_characters(tmp_path):
+    text = "".join(chr(ord("a") + i % 26) for i in range(103))  # 103 characters: the split is at int(103 * 0.9) = 92
+    path = tmp_path / "letters.txt"
+    path.write_text(text, encoding="utf-8")
+    data = prepare_dataset(str(path))
+    assert data.train_chars == 92
+    assert data.tokenizer.decode(data.train_ids.tolist()) == text[:92]
+    assert data.tokenizer.decode(data.val_ids.tolist()) == text[92:]
 
 
 def test_shakespeare_split_matches_the_reference_projects(shakespeare_path):

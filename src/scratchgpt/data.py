@@ -153,14 +153,6 @@ def find_corpus_files(spec: str | None) -> tuple[list[Path], str]:
     raise DataError(f"data file {p} does not exist; pass --data a UTF-8 text file, a directory of text files, or a glob")
 
 
-def resolve_text_path(path: str | None) -> Path:
-    """The user's single file if given (it must exist), else the cached Tiny Shakespeare."""
-    files, _ = find_corpus_files(path)
-    if len(files) != 1:
-        raise DataError(f"{path} names {len(files)} files; this needs a single text file")
-    return files[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading text: decoded a chunk at a time, refusing what is not text
 
@@ -222,12 +214,6 @@ def iter_file_text(path: Path, encoding: str = "utf-8", on_bytes: Callable[[int]
 def read_text(path: Path, encoding: str = "utf-8") -> str:
     """The whole file as text (for small files); a file that is not text is refused with the offending offset."""
     return "".join(iter_file_text(path, encoding))
-
-
-def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
-    """First (1 - val_fraction) of the characters train, the rest validate."""
-    n_train = int(len(text) * (1.0 - val_fraction))
-    return text[:n_train], text[n_train:]
 
 
 def _progress(total: int, desc: str, enabled: bool | None) -> tqdm:
@@ -484,10 +470,6 @@ class Dataset:
     val_target_bytes: int = 0
     files: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-
-    @property
-    def val_chars_per_token(self) -> float:
-        return self.val_chars / max(1, len(self.val_ids))
 
     def bits_per_char(self, loss_per_token: float) -> float:
         """A validation loss in nats per token as bits per character of the validation text."""

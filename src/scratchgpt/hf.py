@@ -268,13 +268,6 @@ def char_tokenizer_from_hf(hf_json: dict[str, Any]) -> CharTokenizer | None:
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator, its bos, eos and unk token
 
 
-def _has_byte_level(component: Any) -> bool:
-    """Whether an HF pre-tokenizer description is, or contains, GPT-2's ByteLevel step."""
-    if not isinstance(component, dict):
-        return False
-    return component.get("type") == "ByteLevel" or any(_has_byte_level(c) for c in component.get("pretokenizers", []))
-
-
 def is_gpt2_style(hf_json: dict[str, Any]) -> bool:
     """True for GPT-2's own pipeline: byte-level BPE and nothing else, which GPT2TokenizerFast reproduces."""
     pre = hf_json.get("pre_tokenizer") or {}
