@@ -37,6 +37,13 @@ def small_corpus(tmp_path_factory) -> Path:
     return path
 
 
+# A one-layer, 16-wide model on the CPU, for tests that run the `scratchgpt` command itself.
+TINY_MODEL_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+                    "--device", "cpu"]
+# ... and for `scratchgpt train`: a one-batch estimate, no samples, float32, no progress bar.
+TINY_TRAIN_FLAGS = [*TINY_MODEL_FLAGS, "--eval-iters", "1", "--sample-tokens", "0", "--dtype", "float32", "--no-progress"]
+
+
 def tiny_config(data_path: Path | str, **train_overrides) -> Config:
     """A 2-layer, 32-wide GPT that trains in a second or two."""
     train = dict(batch_size=8, max_steps=20, learning_rate=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=10,

@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_MODEL_FLAGS, tiny_config
 
 from scratchgpt.bench import baseline_config
 from scratchgpt.cli import main
@@ -13,7 +13,7 @@ from scratchgpt.config import config_from_preset
 from scratchgpt.optim import configure_optimizer
 from scratchgpt.train import cpu_supports_bf16, train
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--device", "cpu"]
+TINY = TINY_MODEL_FLAGS
 
 
 def test_bench_train_json_reports_both_paths_consistently(small_corpus, capsys):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_TRAIN_FLAGS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -202,9 +203,7 @@ def test_bits_per_character_counts_the_characters_of_multi_character_tokens(tmp_
     assert data.bits_per_char(loss) == pytest.approx(loss * (len(data.val_ids) - 1) / data.val_target_chars / math.log(2))
 
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "1", "--sample-tokens", "0", "--device", "cpu", "--dtype", "float32", "--no-progress",
-        "--max-steps", "4", "--eval-interval", "2"]
+TINY = [*TINY_TRAIN_FLAGS, "--max-steps", "4", "--eval-interval", "2"]
 
 
 def test_cli_trains_bpe_on_a_directory_and_evaluates_in_bits_per_character(notes, tmp_path, capsys):

@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from scratchgpt.checkpoint import load_checkpoint
 from scratchgpt.config import ModelConfig, TrainConfig
-from scratchgpt.model import GPT, MLP, apply_rope, rope_tables
+from scratchgpt.model import GPT, MLP, CausalSelfAttention, apply_rope, rope_tables
 from scratchgpt.optim import MultiOptimizer, Muon, configure_optimizer, newton_schulz
 from scratchgpt.train import train
 
@@ -91,9 +91,23 @@ def test_zero_initialised_projections_make_blocks_the_identity():
     assert torch.allclose(model(idx)[0], expected, atol=1e-6)
 
 
-def test_qk_norm_gives_unit_rms_queries():
-    q = torch.randn(2, 2, 5, 8) * 7
-    assert torch.allclose(F.rms_norm(q, (8,)).pow(2).mean(-1), torch.ones(2, 2, 5), atol=1e-4)
+def test_qk_norm_attends_with_unit_rms_queries_and_keys_by_hand():
+    torch.manual_seed(0)
+    config = cfg(qk_norm=True, attention="manual")
+    attn = CausalSelfAttention(config).eval()
+    B, T, C, nh = 2, 5, config.n_embd, config.n_head
+    x = torch.randn(B, T, C) * 3
+    q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
+
+    def unit_rms(t):
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + torch.finfo(t.dtype).eps)
+
+    scores = unit_rms(q) @ unit_rms(k).transpose(-2, -1) / math.sqrt(C // nh)  # (B, nh, T, T)
+    scores = scores.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool)), float("-inf"))
+    by_hand = attn.c_proj((F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, C))
+    assert torch.allclose(attn(x), by_hand, atol=1e-5)
+    attn.qk_norm = False  # the same weights without the norm attend differently
+    assert not torch.allclose(attn(x), by_hand, atol=1e-3)
 
 
 def test_muon_updates_are_near_orthogonal():

@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from conftest import TINY_TRAIN_FLAGS
 
 from scratchgpt.cli import main
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "1", "--sample-tokens", "0", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+TINY = TINY_TRAIN_FLAGS
 
 
 @pytest.fixture(scope="module")

@@ -157,9 +157,13 @@ def test_resume_with_dropout_is_bit_identical(tmp_path, small_corpus):
 
 
 def test_nan_loss_stops_training_without_touching_best(tmp_path, small_corpus):
-    with pytest.raises(TrainingDiverged, match="step"):
-        train(tiny_config(small_corpus, learning_rate=float("1e30"), min_lr=0.0, max_steps=40), tmp_path / "run", progress=False)
-    assert not (tmp_path / "run" / "best").exists() or (tmp_path / "run" / "best" / "meta.json").is_file()
+    # Step 0's update with a rate of 1e30 leaves finite but huge weights: step 1's loss is NaN.
+    config = tiny_config(small_corpus, learning_rate=1e30, min_lr=0.0, warmup_steps=1, max_steps=40, eval_interval=1)
+    with pytest.raises(TrainingDiverged, match="at step 1;.*lower --lr"):
+        train(config, tmp_path / "run", progress=False)
+    last, _, _, meta = load_checkpoint(tmp_path / "run" / "last")
+    assert meta["step"] == 1 and all(torch.isfinite(t).all() for t in last.state_dict().values())
+    assert not (tmp_path / "run" / "best").exists()  # the step-1 estimate was NaN: never "best"
 
 
 def test_wsd_schedule_holds_then_decays_linearly():
