@@ -38,6 +38,7 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow  # about 27 s on 2 cores: run with -m slow
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, small_corpus):
     steps = 400
     subprocess.run(train_cmd(small_corpus, tmp_path / "clean", steps), env=env(), check=True, capture_output=True)

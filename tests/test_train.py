@@ -324,6 +324,7 @@ def test_missing_cpp_compiler_is_detected_and_skips_compile(monkeypatch):
     assert train_module.cpp_compiler_missing(torch.device("meta")) is None  # only CPU builds C++ kernels
 
 
+@pytest.mark.slow  # about 45 s on 2 cores (a cold compile): run with -m slow
 def test_compiled_training_matches_eager(tmp_path, small_corpus):
     """A real torch.compile run (20 to 60 s of compiling on 2 cores) ends where the eager run does."""
     compiled = train(tiny_config(small_corpus, max_steps=10, compile=True), tmp_path / "c", progress=False)
