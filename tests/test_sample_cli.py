@@ -55,8 +55,6 @@ def test_bench_sample_json(run, capsys):
     assert main(["bench", "sample", "--checkpoint", str(run), "--max-new-tokens", "40", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["identical_text"] is True
-    assert result["cached_tokens_per_second"] > 0 and result["naive_tokens_per_second"] > 0
-    assert result["speedup"] == pytest.approx(result["naive_seconds"] / result["cached_seconds"])
     assert result["settings"]["block_size"] == 16 and result["settings"]["max_new_tokens"] == 40
 
 
