@@ -62,8 +62,8 @@ def exit_if_joined(code: int) -> None:
     tensors a moment after the collective has returned; letting go of a tensor that Python
     also knew takes the GIL. If the main thread has begun shutting the interpreter down by
     then, that thread cannot take the GIL and the process aborts (std::terminate, SIGABRT),
-    although the run finished and saved everything: 2 runs in 30 of a small torchrun script
-    here, and about 1 in 40 `train` runs on a loaded machine. Ending without the shutdown
+    although the run finished and saved everything (now and then, more often on a loaded
+    machine; docs/distributed.md has the rates seen). Ending without the shutdown
     cannot hit it. The CLI calls this last, when its files are closed; the streams are flushed here.
     """
     if not _joined:

@@ -58,8 +58,8 @@ class Linear(nn.Linear):
     weights from memory and computes little. PyTorch hands a (1, in) @ (in, out) product to a
     general matrix-multiply kernel that ran at about 10 GB/s here on one thread; the same
     product as a batch of matrix-vector products over the weight's row blocks (`bmm`, which
-    splits the batch between threads) ran 2.7x faster (benchmarks/bench_matvec.py,
-    BENCHMARKS.md). Only inference takes the path (no autograd), and only for up to 4 rows,
+    splits the batch between threads) ran much faster (benchmarks/bench_matvec.py;
+    the figures are in BENCHMARKS.md). Only inference takes the path (no autograd), and only for up to 4 rows,
     beyond which the general kernel catches up. The result equals F.linear up to the order of
     the additions, which `test_linear_row_path_equals_f_linear` checks.
     """
@@ -205,8 +205,8 @@ class CausalSelfAttention(nn.Module):
         in_dtype = q.dtype
         fp32_attention = self.use_sdpa and q.device.type == "cpu" and in_dtype == torch.bfloat16
         if fp32_attention:
-            # PyTorch's CPU flash attention is about 4x slower in bfloat16 than in float32 at
-            # these sizes (benchmarks/bench_attention.py): attend in float32, return bfloat16.
+            # PyTorch's CPU flash attention is far slower in bfloat16 than in float32 at these
+            # sizes (benchmarks/bench_attention.py): attend in float32, return bfloat16.
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
             y = self._attend(q, k, v, start, dropout_p)

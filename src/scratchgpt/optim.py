@@ -137,8 +137,7 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
         {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
     groups = [g for g in groups if g["params"]]
-    # The fused kernel takes all tensors in one call: 5x less optimizer time than foreach on a CPU.
-    # (measured 0.6 vs 3.2 ms CPU per step for the cpu-baby model)
+    # The fused kernel takes all tensors in one call: far less optimizer time than foreach on a CPU.
     implementation = {"fused": True} if fused and device.type in ("cuda", "cpu") else {}
     adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **implementation)
     if not hidden:

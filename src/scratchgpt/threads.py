@@ -2,9 +2,9 @@
 
 PyTorch runs each operation on one OpenMP thread per core, and the threads wait for each
 other at the end of every operation. When another program holds a core, one of our threads
-keeps losing it, and the others spin at every barrier until it comes back: on 2 cores beside a
-busy loop, training with 2 threads ran at 32% of its idle speed while 1 thread kept 60%
-(BENCHMARKS.md, "A busy machine"). So a `ThreadGovernor` reads, about once a second, how much
+keeps losing it, and the others spin at every barrier until it comes back: beside a busy
+loop, two threads on two cores train less than half as fast as one (BENCHMARKS.md, "A busy
+machine"). So a `ThreadGovernor` reads, about once a second, how much
 CPU the rest of the machine used (the machine's busy time minus this process's own), and sets
 PyTorch's thread count to the cores left free. An idle machine keeps PyTorch's default.
 
