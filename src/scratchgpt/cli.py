@@ -473,7 +473,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                       skip_bad_files=args.skip_bad_files or config.data.skip_bad_files)
     data = dataset_from_config(data_config, tokenizer=tokenizer, block_size=1)
     result = evaluate_split(model, data.val_ids, data.val_target_chars, batch_size=args.batch_size, device=device,
-                            n_bytes=data.val_target_bytes)
+                            n_bytes=data.val_target_bytes, progress=not args.json)  # a bar once it lasts 2 s
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
