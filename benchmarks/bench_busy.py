@@ -3,7 +3,7 @@
 For each kind of load (none; a busy loop on one core; another PyTorch job with PyTorch's default
 threads), this starts the load, then runs `scratchgpt train` in fresh processes, alternating
 today's default (`--threads 0`, the count follows the machine's load) with the fixed count
-PyTorch would pick (`--threads N`, one per core: the default before threads.py), and reads
+PyTorch would pick (`--threads N`, one per core: the default before the thread governor), and reads
 each run's tokens/s from its metrics.jsonl (the harmonic mean of the 10-step windows after the
 first, so the adaptation's first seconds count). Then it times `scratchgpt eval` (the whole
 validation split) and `scratchgpt sample` (greedy, KV-cached) as whole commands the same way.

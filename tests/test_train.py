@@ -8,12 +8,14 @@ from conftest import tiny_config
 
 from scratchgpt.checkpoint import load_checkpoint, load_training_state
 from scratchgpt.config import ModelConfig, TrainConfig
+from scratchgpt.device import autocast_dtype
 from scratchgpt.errors import ConfigError
 from scratchgpt.model import GPT
 from scratchgpt.optim import configure_optimizer
-from scratchgpt.train import TrainingDiverged, autocast_dtype, lr_at, train
+from scratchgpt.train import TrainingDiverged, lr_at, train
 
 train_module = importlib.import_module("scratchgpt.train")  # the package exports a function of the same name
+device_module = importlib.import_module("scratchgpt.device")
 
 
 def test_lr_schedule_boundaries():
@@ -56,9 +58,9 @@ def test_autocast_choice_and_fallback(monkeypatch):
     cpu = torch.device("cpu")
     assert autocast_dtype("float32", cpu) is None
     assert autocast_dtype("bfloat16", cpu) is torch.bfloat16
-    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(device_module, "cpu_supports_bf16", lambda: True)
     assert autocast_dtype("auto", cpu) is torch.bfloat16
-    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(device_module, "cpu_supports_bf16", lambda: False)
     assert autocast_dtype("auto", cpu) is None
 
 
@@ -230,7 +232,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, small_corp
         def forward(self, *args, **kwargs):
             raise RuntimeError("simulated: the C++ compiler crashed\nsecond line")
 
-    monkeypatch.setattr(train_module, "cpp_compiler_missing", lambda device: None)
+    monkeypatch.setattr(device_module, "cpp_compiler_missing", lambda device: None)
     monkeypatch.setattr(train_module.torch, "compile", lambda model: Broken())
     messages = []
     compiled = train(tiny_config(small_corpus, max_steps=6, compile=True), tmp_path / "c", progress=False, log=messages.append)
@@ -265,7 +267,7 @@ def test_a_failing_compiled_backward_falls_back_to_eager(tmp_path, small_corpus,
             logits, loss = self.model(x, y)
             return logits, FailsInBackward.apply(loss)
 
-    monkeypatch.setattr(train_module, "cpp_compiler_missing", lambda device: None)
+    monkeypatch.setattr(device_module, "cpp_compiler_missing", lambda device: None)
     monkeypatch.setattr(train_module.torch, "compile", ForwardOnly)
     messages = []
     compiled = train(tiny_config(small_corpus, max_steps=6, compile=True, grad_accum_steps=2), tmp_path / "c",
@@ -277,7 +279,7 @@ def test_a_failing_compiled_backward_falls_back_to_eager(tmp_path, small_corpus,
 
 
 def test_backward_errors_after_a_good_first_backward_are_raised():
-    wrapper = train_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
+    wrapper = device_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
 
     def loss(fails: bool) -> torch.Tensor:
         out = wrapper.model(torch.ones(2)).sum()
@@ -287,7 +289,7 @@ def test_backward_errors_after_a_good_first_backward_are_raised():
     with pytest.raises(RuntimeError, match="did not compile"):
         wrapper.backward(loss(fails=True))
     assert wrapper.compiled is not None  # still compiled: the error was not a compile failure
-    wrapper = train_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
+    wrapper = device_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
     wrapper.compiled = None  # already eager: nothing to fall back to
     with pytest.raises(RuntimeError, match="did not compile"):
         wrapper.backward(loss(fails=True))
@@ -303,7 +305,7 @@ def test_compile_errors_after_a_good_first_call_are_raised():
                 raise ValueError("a real error in step 2")
             return x
 
-    wrapper = train_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
+    wrapper = device_module.CompiledOrEager(torch.nn.Linear(2, 2), warn=print)
     wrapper.compiled = Flaky()
     assert wrapper(torch.ones(1)) is not None
     with pytest.raises(ValueError, match="step 2"):
@@ -315,13 +317,13 @@ def test_missing_cpp_compiler_is_detected_and_skips_compile(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    reason = train_module.cpp_compiler_missing(cpu)
+    reason = device_module.cpp_compiler_missing(cpu)
     assert reason is not None and "C++ compiler" in reason
     messages = []
     model = torch.nn.Linear(2, 2)
-    assert train_module.compile_model(model, cpu, messages.append) is model
+    assert device_module.compile_model(model, cpu, messages.append) is model
     assert len(messages) == 1 and "training without it" in messages[0]
-    assert train_module.cpp_compiler_missing(torch.device("meta")) is None  # only CPU builds C++ kernels
+    assert device_module.cpp_compiler_missing(torch.device("meta")) is None  # only CPU builds C++ kernels
 
 
 @pytest.mark.slow  # about 45 s on 2 cores (a cold compile): run with -m slow

@@ -22,16 +22,10 @@ import torch
 
 from .config import Config
 from .data import BatchSampler, dataset_from_config
+from .device import autocast_dtype, compile_model, governed, resolve_device, threads_now
 from .model import build_model
 from .optim import configure_optimizer
-from .threads import governed, threads_now
-from .train import (
-    accumulate_gradients,
-    apply_gradients,
-    autocast_dtype,
-    compile_model,
-    resolve_device,
-)
+from .train import accumulate_gradients, apply_gradients
 
 
 @dataclass

@@ -22,9 +22,9 @@ from typing import Any
 
 from .allocator import keep_freed_memory
 from .config import FIELD_HELP, SECTIONS, config_from_preset, load_preset, preset_names
+from .device import governed, threads_now
 from .errors import ScratchGPTError
 from .plot import X_AXES
-from .threads import governed, threads_now
 from .version import __version__
 
 # Flags whose names differ from the config field they set, and fields with no flag.
@@ -428,8 +428,8 @@ SAMPLE_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperat
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
+    from .device import resolve_device
     from .engine import SamplingSettings, stream_completion
-    from .train import resolve_device
 
     settings = SamplingSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -461,8 +461,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .data import dataset_from_config
+    from .device import resolve_device
     from .evaluate import evaluate_split
-    from .train import resolve_device
 
     if args.batch_size < 1:
         raise ScratchGPTError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -506,7 +506,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_bench_sample(args: argparse.Namespace) -> int:
     from .bench import bench_sample
     from .checkpoint import load_checkpoint
-    from .train import resolve_device
+    from .device import resolve_device
 
     if args.max_new_tokens < 1:
         raise ScratchGPTError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device import tick
 from .errors import ScratchGPTError
 from .filters import repetition_penalty_filter, sample_next
 from .model import Bigram, KVCache
-from .threads import tick
 
 
 class SamplingError(ScratchGPTError, ValueError):
@@ -114,7 +114,7 @@ def decode(
             return
         start = window_start(tokens.size(1), start, block_size, keep)
         with lock:
-            tick()  # the CPU thread count follows the machine's load (threads.py)
+            tick()  # the CPU thread count follows the machine's load (device.py)
             if last_token_only:
                 logits = model(tokens[:, -1:])[0][:, -1]  # (B, 1) -> (B, V)
             elif not cached:  # the reference: the whole window, every step

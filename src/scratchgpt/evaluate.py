@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .threads import tick
+from .device import tick
 
 PROGRESS_DELAY_SECONDS = 2.0  # an evaluation shows a progress bar only once it has lasted this long
 

@@ -268,7 +268,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     import uvicorn
 
     from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .train import resolve_device
+    from .device import resolve_device
 
     directory = resolve_checkpoint(checkpoint)
     model, tokenizer, config, _ = load_checkpoint(directory, resolve_device(device))

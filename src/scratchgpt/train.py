@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -36,6 +35,15 @@ from .checkpoint import (
 )
 from .config import Config, ModelConfig, TrainConfig
 from .data import BatchSampler, Dataset, dataset_from_config
+from .device import (
+    CompiledOrEager,
+    SlowdownWatch,
+    autocast_dtype,
+    compile_model,
+    governed,
+    resolve_device,
+    tick,
+)
 from .distributed import DistributedContext, all_sum, gather, setup, teardown
 from .errors import CheckpointError, ScratchGPTError, TokenizerError
 from .evaluate import EvaluationStopped, evaluate_split, progress_bar
@@ -43,7 +51,6 @@ from .model import build_model, count_parameters
 from .optim import configure_optimizer, set_learning_rate
 from .plot import plot_run
 from .sample import generate
-from .threads import SlowdownWatch, governed, tick
 
 
 class TrainingDiverged(ScratchGPTError):
@@ -75,120 +82,6 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
     else:
         coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ScratchGPTError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ScratchGPTError("--device mps was asked for but MPS is not available; use --device cpu")
-    return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 instructions (AVX-512 BF16 or AMX), so autocast pays."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this run, or None for plain float32."""
-    if dtype == "float32":
-        return None
-    if dtype == "bfloat16":
-        return torch.bfloat16
-    if dtype == "float16":
-        if device.type == "cpu":
-            raise ScratchGPTError("--dtype float16 needs a GPU; on CPU use --dtype bfloat16 or float32")
-        return torch.float16
-    # auto
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16
-    return None
-
-
-def cpp_compiler_missing(device: torch.device) -> str | None:
-    """Why torch.compile cannot work on this CPU machine (no C++ compiler), or None if it may."""
-    if device.type != "cpu":
-        return None
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        get_cpp_compiler()
-    except Exception as exc:  # inductor raises its own error type when no compiler is found
-        return f"no C++ compiler for torch.compile ({type(exc).__name__}); install g++ or set CXX"
-    return None
-
-
-class CompiledOrEager(nn.Module):
-    """`torch.compile(model)`, falling back to `model` itself if compiling fails on the first call.
-
-    torch.compile is lazy: a missing compiler or an unsupported operation shows up only when
-    the first batch runs, in the forward pass or, for the backward graph, in the first
-    backward pass. Rather than lose the run, the fallback warns once and trains eager, which
-    computes the same function. Errors after a successful first call are raised as usual.
-    The training step runs the backward pass through `backward`, which watches for the latter.
-    """
-
-    def __init__(self, model: nn.Module, warn: Callable[[str], None]):
-        super().__init__()
-        self.model = model
-        self.warn = warn
-        self.compiled: Callable | None = torch.compile(model)
-        self.compiled_once = False
-        self.backward_once = False
-
-    def forward(self, *args, **kwargs):
-        if self.compiled is not None:
-            try:
-                out = self.compiled(*args, **kwargs)
-                self.compiled_once = True
-                return out
-            except Exception as exc:
-                if self.compiled_once:
-                    raise
-                self._fall_back(exc)
-        return self.model(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> bool:
-        """`loss.backward()`; False if the compiled model's first backward pass failed, in which
-        case the model has gone eager and the caller runs the batch again. Later errors are raised."""
-        try:
-            loss.backward()
-        except Exception as exc:
-            if self.compiled is None or self.backward_once:
-                raise
-            self._fall_back(exc)
-            for param in self.model.parameters():  # no gradient has been kept before the first backward
-                param.grad = None
-            return False
-        self.backward_once = True
-        return True
-
-    def _fall_back(self, exc: Exception) -> None:
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        self.warn(f"warning: torch.compile failed ({type(exc).__name__}: {first_line}); training without it")
-        self.compiled = None
-
-
-def compile_model(model: nn.Module, device: torch.device, warn: Callable[[str], None]) -> nn.Module:
-    """The model to step: compiled where a compiler exists, else the eager model with a warning."""
-    missing = cpp_compiler_missing(device)
-    if missing:
-        warn(f"warning: {missing}; training without it")
-        return model
-    return CompiledOrEager(model, warn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +457,7 @@ def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedCo
     with _stop_on_signals() as stop:
         finished = step >= tcfg.step_limit
         while not finished:
-            tick()  # the CPU thread count follows the machine's load (threads.py)
+            tick()  # the CPU thread count follows the machine's load (device.py)
             step_start = time.perf_counter()
             lr = lr_at(step, tcfg, elapsed() / training_seconds if tcfg.time_budget else None)
             set_learning_rate(optimizer, lr)

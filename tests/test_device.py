@@ -1,4 +1,4 @@
-"""The CPU thread count follows the cores other programs leave free (threads.py)."""
+"""The CPU thread count follows the cores other programs leave free (device.py)."""
 
 import subprocess
 import sys
@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from scratchgpt import threads
+from scratchgpt import device as threads
 from scratchgpt.cli import main
-from scratchgpt.threads import SlowdownWatch, ThreadGovernor, governed, threads_for
+from scratchgpt.device import SlowdownWatch, ThreadGovernor, governed, threads_for
 
 
 def test_threads_for_counts_cores_free_for_most_of_their_time():
