@@ -87,6 +87,13 @@ def test_stream_sends_the_same_text_as_one_answer(served):
     assert all(e["object"] == "text_completion" and e["model"] == "tiny" for e in events[:-1])
 
 
+def test_stream_usage_comes_last_when_asked(served):
+    url, _, _ = served
+    events = stream_events(url, prompt="the ", max_tokens=7, seed=1, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]" and events[-2]["choices"] == []
+    assert events[-2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 7, "total_tokens": 11}
+    assert all("usage" not in e for e in events[:-2])
+
 def test_stop_string_and_several_samples(served):
     url, _, _ = served
     answer = post(url, prompt="the ", max_tokens=200, seed=2, n=3, stop=["\n", "zz"]).json()
