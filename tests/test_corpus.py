@@ -11,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import scratchgpt.data as data_module
+import scratchgpt.text as text_module
 from scratchgpt.cli import main
-from scratchgpt.data import FILE_SEPARATOR, find_corpus_files, prepare_dataset, read_text
+from scratchgpt.data import prepare_dataset
 from scratchgpt.errors import DataError, TokenizerError
+from scratchgpt.text import FILE_SEPARATOR, find_corpus_files, read_text
 from scratchgpt.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
 PROSE = "".join(f"Line {i}: the {w} went to the market, and then home again.\n"
@@ -99,7 +101,7 @@ def test_another_encoding_is_read_when_named(tmp_path):
 
 
 def test_offsets_are_right_across_read_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "READ_CHUNK", 7)  # characters straddle chunk boundaries
+    monkeypatch.setattr(text_module, "READ_CHUNK", 7)  # characters straddle chunk boundaries
     path = write(tmp_path / "t.txt", "aé中" * 10 + "\n" + "x" * 5)
     assert read_text(path) == "aé中" * 10 + "\n" + "x" * 5
     write(path, "aé中".encode() * 3 + b"\xff")  # 6 bytes per repetition
@@ -158,7 +160,7 @@ def test_chunked_bpe_encoding_equals_encoding_the_whole_text(tmp_path, monkeypat
     n_train = int(len(text) * 0.9)
     assert whole.train_ids.tolist() == whole.tokenizer.encode(text[:n_train])
     monkeypatch.setattr(data_module, "BPE_PIECE_CHARS", 64)  # many pieces, cut only where lines meet
-    monkeypatch.setattr(data_module, "READ_CHUNK", 50)
+    monkeypatch.setattr(text_module, "READ_CHUNK", 50)
     monkeypatch.setattr(data_module, "_CACHE_FORMAT", -1)  # a fresh cache entry
     chunked = prepare_dataset(str(path), tokenizer=whole.tokenizer)
     assert chunked.train_ids.filename != whole.train_ids.filename

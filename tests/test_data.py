@@ -4,13 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from scratchgpt.data import (
-    TINY_SHAKESPEARE_SHA256,
-    BatchSampler,
-    prepare_dataset,
-    tiny_shakespeare_path,
-)
+from scratchgpt.batches import BatchSampler
+from scratchgpt.data import prepare_dataset
 from scratchgpt.errors import DataError
+from scratchgpt.text import TINY_SHAKESPEARE_SHA256, tiny_shakespeare_path
 
 
 def test_split_is_first_90_percent_by_characters(tmp_path):
@@ -111,13 +108,13 @@ def test_a_tampered_cache_is_replaced_from_the_package(monkeypatch, tmp_path):
 def test_a_corrupt_packaged_copy_is_refused(monkeypatch, tmp_path):
     import gzip
 
-    from scratchgpt import data as data_module
+    from scratchgpt import text as text_module
 
     monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path))
     fake_package = tmp_path / "pkg"
     (fake_package / "corpora").mkdir(parents=True)
     (fake_package / "corpora" / "tinyshakespeare.txt.gz").write_bytes(gzip.compress(b"First Citizen: not the file"))
-    monkeypatch.setattr(data_module.resources, "files", lambda package: fake_package)
+    monkeypatch.setattr(text_module.resources, "files", lambda package: fake_package)
     with pytest.raises(DataError, match="SHA-256.*--data"):
         tiny_shakespeare_path()
     assert not (tmp_path / "tinyshakespeare" / "input.txt").exists()

@@ -19,3 +19,7 @@ class TokenizerError(ScratchGPTError, ValueError):
 
 class CheckpointError(ScratchGPTError):
     """A checkpoint directory is missing, foreign, incomplete or corrupted."""
+
+
+class InteropError(ScratchGPTError):
+    """A model or directory that cannot be converted to or from the Hugging Face format."""

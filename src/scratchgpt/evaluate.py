@@ -35,7 +35,7 @@ class EvaluationStopped(Exception):
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool) -> Iterator[tqdm]:
     """A bar for a long evaluation: it appears after PROGRESS_DELAY_SECONDS and vanishes when done."""
-    # disable=None: on a terminal only, as data.py's bars, so logs and pipes stay clean
+    # disable=None: on a terminal only, as the data bars, so logs and pipes stay clean
     bar = tqdm(total=total, desc=description, unit="batch", leave=False, delay=PROGRESS_DELAY_SECONDS,
                disable=None if enabled else True, dynamic_ncols=True)
     try:

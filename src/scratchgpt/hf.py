@@ -1,19 +1,6 @@
-"""Hugging Face interop: write a checkpoint as a GPT-2 model directory, and read one back.
+"""Hugging Face interop: a checkpoint written as a transformers GPT-2 directory, and one read back.
 
-`export_hf` turns a scratchgpt checkpoint into the files `transformers.GPT2LMHeadModel`
-loads (`config.json`, `model.safetensors`, a tokenizer where one can be written, and a
-README.md); `import_hf` turns such a directory, from the Hub or from `save_pretrained`,
-into an ordinary scratchgpt checkpoint that `sample`, `eval` and `train --init-from` use.
-
-Neither direction needs `transformers`: both read and write the files directly (safetensors,
-JSON, and `torch.load(weights_only=True)` for old `pytorch_model.bin` files), so nothing is
-pickled and no code from the directory runs. Install the `hf` extra to load the result in
-transformers.
-
-Our parameter names already follow GPT-2's; two things differ. GPT-2 stores its four
-projection matrices as `Conv1D` weights, (in, out), where `nn.Linear` keeps (out, in), so
-those are transposed. And GPT-2 always has biases, so a `bias=False` model exports zeros.
-Only the classic architecture has a GPT-2 equivalent: learned positions, LayerNorm, GELU.
+Configs and weights are converted here; the tokenizer files are hf_tokenizer.py's job.
 """
 
 from __future__ import annotations
@@ -32,15 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, DataConfig, ModelConfig, TrainConfig
-from .errors import CheckpointError, ScratchGPTError, TokenizerError
+from .errors import CheckpointError, InteropError
+from .hf_tokenizer import load_any_tokenizer, read_hf_tokenizer, write_hf_tokenizer
 from .model import GPT
-from .tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 from .version import __version__
-
-
-class InteropError(ScratchGPTError):
-    """A model or directory that cannot be converted to or from the Hugging Face format."""
-
 
 # GPT-2's Conv1D layers hold weights as (in, out); nn.Linear holds (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -65,7 +47,10 @@ class ExportResult:
 
 
 def check_exportable(config: ModelConfig) -> None:
-    """Refuse, naming the option, a model that GPT-2's architecture cannot express."""
+    """Refuse, naming the option, a model that GPT-2's architecture cannot express.
+
+    Only the classic architecture has a GPT-2 equivalent: learned positions, LayerNorm, GELU.
+    """
     if config.model_type != "gpt":
         raise InteropError(f"only GPT models export to Hugging Face GPT-2, not model_type {config.model_type!r}")
     refused = [
@@ -152,6 +137,10 @@ def model_config_from_gpt2(hf: dict[str, Any], where: Path) -> ModelConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Weights
+#
+# Our parameter names already follow GPT-2's; two things differ. GPT-2 stores its four
+# projection matrices as `Conv1D` weights, (in, out), where `nn.Linear` keeps (out, in), so
+# those are transposed. And GPT-2 always has biases, so a `bias=False` model exports zeros.
 
 
 def to_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -234,152 +223,12 @@ def read_gpt2_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-def _require_tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise InteropError("this needs the `tokenizers` package: pip install 'scratchgpt[hf]'") from None
-    return tokenizers
-
-
-def char_tokenizer_to_hf(tokenizer: CharTokenizer):
-    """A `tokenizers.Tokenizer` that maps each character to our id: BPE with no merges, fused on decode."""
-    tokenizers = _require_tokenizers()
-    hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={c: i for i, c in enumerate(tokenizer.chars)}, merges=[]))
-    hf.decoder = tokenizers.decoders.Fuse()  # characters join with nothing between them
-    return hf
-
-
-def char_tokenizer_from_hf(hf_json: dict[str, Any]) -> CharTokenizer | None:
-    """Our CharTokenizer if the HF tokenizer is one that `char_tokenizer_to_hf` writes, else None."""
-    model = hf_json.get("model") or {}
-    vocab = model.get("vocab")
-    plain = (model.get("type") == "BPE" and not model.get("merges") and isinstance(vocab, dict)
-             and not hf_json.get("normalizer") and not hf_json.get("pre_tokenizer") and not hf_json.get("added_tokens")
-             and (hf_json.get("decoder") or {}).get("type") == "Fuse")
-    if not plain or sorted(vocab.values()) != list(range(len(vocab))) or any(len(c) != 1 for c in vocab):
-        return None
-    return CharTokenizer(sorted(vocab, key=vocab.get))
-
-
-END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator, its bos, eos and unk token
-
-
-def is_gpt2_style(hf_json: dict[str, Any]) -> bool:
-    """True for GPT-2's own pipeline: byte-level BPE and nothing else, which GPT2TokenizerFast reproduces."""
-    pre = hf_json.get("pre_tokenizer") or {}
-    return ((hf_json.get("model") or {}).get("type") == "BPE" and pre.get("type") == "ByteLevel"
-            and not hf_json.get("normalizer"))
-
-
-def hf_tokenizer_config(hf_json: dict[str, Any], block_size: int) -> tuple[dict[str, Any], int | None]:
-    """tokenizer_config.json for an HF tokenizer, and the id of its end-of-text token if it has one."""
-    specials = {t["content"]: t["id"] for t in hf_json.get("added_tokens", []) if t.get("special")}
-    end_id = specials.get(END_OF_TEXT)
-    config: dict[str, Any] = {"model_max_length": block_size, "clean_up_tokenization_spaces": False}
-    if is_gpt2_style(hf_json):
-        # Special tokens the vocabulary lacks would be added by transformers, past the model's
-        # vocabulary: name them only when they exist.
-        token = END_OF_TEXT if end_id is not None else None
-        config.update(tokenizer_class="GPT2TokenizerFast", add_prefix_space=False,
-                      bos_token=token, eos_token=token, unk_token=token)
-    else:
-        config.update(tokenizer_class="PreTrainedTokenizerFast")
-        if end_id is not None:
-            config.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT)
-    return config, end_id
-
-
-def write_hf_tokenizer(tokenizer: Tokenizer, out: Path, block_size: int) -> tuple[list[str], list[str], int | None]:
-    """Write the tokenizer files transformers reads; returns (files, notes, end-of-text id)."""
-    description = tokenizer.to_dict()
-    kind = description["type"]
-    notes = []
-    if kind == "char":
-        hf_json = json.loads(char_tokenizer_to_hf(tokenizer).to_str())
-        notes.append(f"this model reads characters, not GPT-2's BPE tokens: its vocabulary is {tokenizer.vocab_size} "
-                     "characters, written as tokenizer.json for AutoTokenizer (characters outside it are dropped "
-                     "when encoding); GPT2Tokenizer and the gpt2 tokenizer do not fit it")
-    elif kind == "bpe" and isinstance(description.get("hf_tokenizer"), dict):
-        hf_json = description["hf_tokenizer"]
-    else:
-        raise InteropError(f"a {kind!r} tokenizer has no Hugging Face form here yet")
-    (out / "tokenizer.json").write_text(json.dumps(hf_json, ensure_ascii=False), encoding="utf-8")
-    config, end_id = hf_tokenizer_config(hf_json, block_size)
-    _write_json(out / "tokenizer_config.json", config)
-    return ["tokenizer.json", "tokenizer_config.json"], notes, end_id
-
-
-def gpt2_tokenizer_from_files(vocab_path: Path, merges_path: Path):
-    """GPT-2's byte-level BPE as a `tokenizers.Tokenizer`, from the slow tokenizer's vocab.json and merges.txt."""
-    tokenizers = _require_tokenizers()
-    try:
-        model = tokenizers.models.BPE.from_file(str(vocab_path), str(merges_path))
-    except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
-        raise InteropError(f"cannot read the BPE vocabulary {vocab_path} / {merges_path}: {exc}") from None
-    hf = tokenizers.Tokenizer(model)
-    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = tokenizers.decoders.ByteLevel()
-    hf.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
-    if END_OF_TEXT in hf.get_vocab():  # kept whole, never split into bytes
-        hf.add_special_tokens([END_OF_TEXT])
-    return hf
-
-
-def tokenizer_from_hf_json(hf_json: dict[str, Any], where: Path) -> Tokenizer:
-    """Our tokenizer for an HF tokenizer.json: a character vocabulary comes back as one, others as BPE."""
-    char = char_tokenizer_from_hf(hf_json)
-    if char is not None:
-        return char
-    try:
-        return tokenizer_from_dict({"type": "bpe", "hf_tokenizer": hf_json})
-    except TokenizerError as exc:
-        raise InteropError(f"cannot import the tokenizer in {where}: {exc}; "
-                           "pass --tokenizer FILE with a scratchgpt tokenizer.json instead") from None
-
-
-def read_hf_tokenizer(directory: Path) -> Tokenizer | None:
-    """Our tokenizer for the HF tokenizer files in `directory` (tokenizer.json, else vocab.json +
-    merges.txt), or None when it holds none."""
-    path = directory / "tokenizer.json"
-    if path.is_file():
-        try:
-            hf_json = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InteropError(f"cannot read {path}: {exc}") from None
-        return tokenizer_from_hf_json(hf_json, path)
-    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-        hf = gpt2_tokenizer_from_files(directory / "vocab.json", directory / "merges.txt")
-        return tokenizer_from_hf_json(json.loads(hf.to_str()), directory / "vocab.json")
-    return None
-
-
-def load_any_tokenizer(path: Path) -> Tokenizer:
-    """A tokenizer from a scratchgpt tokenizer.json, a checkpoint or run directory, or an HF tokenizer directory or file."""
-    if path.is_dir():
-        if (path / "meta.json").is_file() or (path / "best").is_dir() or (path / "last").is_dir():
-            return load_checkpoint(path)[1]
-        tokenizer = read_hf_tokenizer(path)
-        if tokenizer is None:
-            raise InteropError(f"no tokenizer in {path}: pass a tokenizer.json file or a checkpoint directory")
-        return tokenizer
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InteropError(f"cannot read tokenizer {path}: {exc}") from None
-    if isinstance(data, dict) and "model" in data and "type" not in data:  # an HF tokenizers file
-        return tokenizer_from_hf_json(data, path)
-    try:
-        return tokenizer_from_dict(data)
-    except TokenizerError as exc:
-        raise InteropError(f"{path}: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------
 # The two directions
+#
+# Neither direction needs `transformers`: both read and write the files directly (safetensors,
+# JSON, and `torch.load(weights_only=True)` for old `pytorch_model.bin` files), so nothing is
+# pickled and no code from the directory runs. Install the `hf` extra to load the result in
+# transformers.
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -395,7 +244,11 @@ def _prepare_empty_dir(out: Path, overwrite: bool) -> None:
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> ExportResult:
-    """Write `checkpoint` as a directory that `GPT2LMHeadModel.from_pretrained` loads, with the same logits."""
+    """Write `checkpoint` as a directory that `GPT2LMHeadModel.from_pretrained` loads, with the same logits.
+
+    The directory holds `config.json`, `model.safetensors`, a tokenizer where one can be written,
+    and a README.md.
+    """
     model, tokenizer, config, meta = load_checkpoint(checkpoint)
     check_exportable(config.model)
     out = Path(out_dir)
@@ -446,6 +299,8 @@ def import_hf(source: str | Path, out: str | Path, tokenizer_path: str | Path | 
               overwrite: bool = False) -> Path:
     """Convert a GPT2LMHeadModel directory into a scratchgpt checkpoint directory at `out`.
 
+    The directory may come from the Hub or from `save_pretrained`; the checkpoint is an ordinary
+    one, which `sample`, `eval` and `train --init-from` use.
     The tokenizer comes from `tokenizer_path` if given (a scratchgpt tokenizer.json, checkpoint,
     or an HF tokenizer directory), else from the tokenizer files in `source`.
     """

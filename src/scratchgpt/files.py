@@ -1,0 +1,46 @@
+"""Hashing files, and writing them so that no reader ever sees half of one.
+
+Shared by the corpus and token caches (text.py, data.py) and by checkpoints (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(target: Path, payload: bytes) -> None:
+    """Replace `target` with `payload` in one rename: a crash leaves the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_once(target: Path, payload: bytes) -> None:
+    """Create `target` with `payload` unless another process already did (the first writer wins)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        try:
+            os.link(tmp, target)  # unlike a rename, a link fails if `target` exists
+        except FileExistsError:
+            pass
+    finally:
+        Path(tmp).unlink(missing_ok=True)
