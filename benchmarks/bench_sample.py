@@ -32,9 +32,9 @@ def random_checkpoint(data: str, out: Path) -> Path:
     """A freshly initialised shakespeare-char model with the vocabulary of `data`, saved as a checkpoint."""
     import torch
 
+    from scratchgpt.build import build_model
     from scratchgpt.checkpoint import save_checkpoint
     from scratchgpt.config import config_from_preset
-    from scratchgpt.model import build_model
     from scratchgpt.tokenizer import CharTokenizer
 
     text = Path(data).read_text(encoding="utf-8")

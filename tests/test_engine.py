@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from scratchgpt.build import build_model
 from scratchgpt.config import ModelConfig
 from scratchgpt.engine import (
     SamplingError,
@@ -18,6 +19,7 @@ from scratchgpt.engine import (
     stream_completion,
     window_start,
 )
+from scratchgpt.kv_cache import KVCache
 from scratchgpt.model import GPT, Bigram
 from scratchgpt.tokenizer import CharTokenizer
 
@@ -35,7 +37,7 @@ def make_gpt(block_size: int = 16, seed: int = 0, **options) -> GPT:
     torch.manual_seed(seed)
     options = {"tie_weights": False, **options}
     config = ModelConfig(vocab_size=VOCAB, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **options)
-    model = GPT(config).eval()
+    model = build_model(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
         model.transformer.wte.weight.mul_(5)
@@ -53,7 +55,7 @@ def test_cached_logits_equal_a_full_forward_pass(options):
     model = make_gpt(**options)
     idx = torch.randint(VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
     full, _ = model(idx)  # (3, 16, V)
-    cache = model.new_cache(batch_size=3)
+    cache = KVCache.for_model(model, batch_size=3)
     pieces = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:8], cache=cache)[0]]  # a prefill, then a chunk of 3
     pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 16)]  # then one token at a time
     assert cache.length == 16

@@ -10,7 +10,8 @@ import torch
 from scratchgpt.checkpoint import load_checkpoint, save_checkpoint
 from scratchgpt.cli import main
 from scratchgpt.config import Config, DataConfig, ModelConfig, TrainConfig
-from scratchgpt.hf import InteropError, export_hf, import_hf
+from scratchgpt.errors import InteropError
+from scratchgpt.hf import export_hf, import_hf
 from scratchgpt.model import GPT
 from scratchgpt.tokenizer import CharTokenizer, save_tokenizer
 
@@ -186,7 +187,7 @@ def test_export_import_export_round_trips(tmp_path, tokenizer):
 ])
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, tokenizer, options, option, capsys):
     config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, **options)
-    from scratchgpt.model import build_model
+    from scratchgpt.build import build_model
 
     save_checkpoint(tmp_path / "ckpt", build_model(config), tokenizer, Config(model=config), {"step": 0})
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
@@ -290,7 +291,7 @@ SAMPLE = "The cat sat.\n  Then   the dög ran! <|endoftext|>A fox's hat?"
 
 
 def test_gpt2_vocab_and_merges_read_like_transformers(tmp_path, small_corpus):
-    from scratchgpt.hf import gpt2_tokenizer_from_files
+    from scratchgpt.hf_tokenizer import gpt2_tokenizer_from_files
 
     hf = _train_gpt2_style_bpe(small_corpus.read_text(encoding="utf-8"))
     hf.model.save(str(tmp_path))  # GPT-2's slow-tokenizer files: vocab.json and merges.txt

@@ -4,10 +4,10 @@ import re
 import pytest
 import torch
 
-from scratchgpt import model as model_module
+from scratchgpt.build import build_model
 from scratchgpt.config import ModelConfig, config_from_preset, load_preset, preset_names
 from scratchgpt.errors import ConfigError
-from scratchgpt.model import GPT, Bigram, build_model, count_parameters, manual_attention
+from scratchgpt.model import GPT, Bigram, count_parameters, manual_attention
 
 
 def small(**kw) -> ModelConfig:
@@ -114,62 +114,19 @@ def test_manual_and_sdpa_models_agree():
     assert torch.allclose(sdpa(idx)[0], manual(idx)[0], atol=1e-5)
 
 
-def test_cpu_bf16_autocast_attends_in_float32(monkeypatch):
-    """Under bf16 autocast on CPU, SDPA gets float32 inputs (its bf16 kernel is slow) and the
-    block still returns bf16 activations whose values match the float32 model's."""
-    torch.manual_seed(0)
-    model = GPT(small())
-    idx = torch.randint(23, (2, 16))
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, **kw):
-        seen.append(q.dtype)
-        out = sdpa(q, k, v, **kw)
-        seen.append(out.dtype)  # autocast would have downcast again inside an enabled region
-        return out
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(idx, idx)
-    loss.backward()
-    assert seen == [torch.float32] * (2 * model.config.n_layer)
-    assert logits.dtype == torch.bfloat16
-    assert all(p.grad is not None for p in model.parameters())
-    reference = model(idx)[0]
-    assert (logits.float() - reference).abs().max() < 0.1  # bf16 matmuls: two to three digits
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 48), (3, 1, 48), (2, 4, 48), (48,), (9, 48)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_row_path_equals_f_linear(shape, bias, monkeypatch):
-    """The few-row inference path (bmm over row blocks) gives F.linear's result; training never takes it."""
-    torch.manual_seed(0)
-    layer = model_module.Linear(48, 96, bias=bias)
-    x = torch.randn(shape)
-    taken = []
-    real = model_module.rows_times_weight
-    monkeypatch.setattr(model_module, "rows_times_weight", lambda *a: taken.append(1) or real(*a))
-    with torch.no_grad():
-        fast = layer(x)
-    assert fast.shape == (*shape[:-1], 96)
-    assert torch.allclose(fast, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
-    assert taken == ([1] if x.numel() // 48 <= model_module.Linear.MAX_ROWS else [])
-    layer(x).sum().backward()  # with autograd: the ordinary path, gradients as usual
-    assert len(taken) <= 1 and layer.weight.grad is not None
-
-
-def test_row_blocks_divide_the_weight(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert model_module.row_blocks(96) == 4 and model_module.row_blocks(66) == 2 and model_module.row_blocks(65) == 1
-
-
 def test_first_position_attends_only_to_itself():
     q, k, v = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
     out = manual_attention(q, k, v)
     assert torch.allclose(out[0, 0, 0], v[0, 0, 0])
     weights = torch.softmax((q @ k.transpose(-2, -1))[0, 0, 1, :2] / 2.0, dim=-1)  # sqrt(hs) = 2
     assert torch.allclose(out[0, 0, 1], weights @ v[0, 0, :2], atol=1e-6)
+
+
+def test_the_classic_gpt_refuses_options_beyond_gpt2_and_names_build_model():
+    with pytest.raises(ConfigError, match=r"rope, relu2.*build_model"):
+        GPT(small(position="rope", activation="relu2"))
+    assert type(build_model(small(position="rope"))).__name__ == "ModernGPT"
+    assert type(build_model(small(activation="gelu_tanh"))) is GPT  # GPT-2's own GELU is classic
 
 
 def test_too_long_sequence_is_refused():

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
+from scratchgpt.build import build_model
 from scratchgpt.checkpoint import load_checkpoint
 from scratchgpt.config import ModelConfig, TrainConfig
-from scratchgpt.model import GPT, MLP, CausalSelfAttention, apply_rope, rope_tables
+from scratchgpt.modern import ModernAttention, ModernMLP, apply_rope, rope_tables
 from scratchgpt.optim import MultiOptimizer, Muon, configure_optimizer, newton_schulz
 from scratchgpt.train import train
 
@@ -54,8 +55,8 @@ def test_rope_preserves_norms_and_sees_relative_positions():
                                      dict(position="rope"), dict(qk_norm=True)])
 def test_modern_options_stay_causal_and_agree_with_manual_attention(options):
     torch.manual_seed(0)
-    sdpa = GPT(cfg(**options)).eval()
-    manual = GPT(cfg(**options, attention="manual")).eval()
+    sdpa = build_model(cfg(**options)).eval()
+    manual = build_model(cfg(**options, attention="manual")).eval()
     manual.load_state_dict(sdpa.state_dict())
     idx = torch.randint(19, (2, 16))
     changed = idx.clone()
@@ -66,17 +67,17 @@ def test_modern_options_stay_causal_and_agree_with_manual_attention(options):
 
 
 def test_rope_model_has_no_position_table():
-    names = dict(GPT(cfg(position="rope")).named_parameters())
-    assert "transformer.wpe.weight" not in names and "transformer.wpe.weight" in dict(GPT(cfg()).named_parameters())
+    names = dict(build_model(cfg(position="rope")).named_parameters())
+    assert "transformer.wpe.weight" not in names and "transformer.wpe.weight" in dict(build_model(cfg()).named_parameters())
 
 
 def test_relu2_and_swiglu_by_hand():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16)
-    relu2 = MLP(cfg(activation="relu2", mlp_hidden=8))
+    relu2 = ModernMLP(cfg(activation="relu2", mlp_hidden=8))
     h = relu2.c_fc(x)
     assert torch.allclose(relu2(x), relu2.c_proj(torch.clamp(h, min=0) ** 2), atol=1e-6)
-    swiglu = MLP(cfg(activation="swiglu", mlp_hidden=8))
+    swiglu = ModernMLP(cfg(activation="swiglu", mlp_hidden=8))
     assert swiglu.c_fc.out_features == 16
     gate, value = swiglu.c_fc(x)[..., :8], swiglu.c_fc(x)[..., 8:]
     assert torch.allclose(swiglu(x), swiglu.c_proj(gate * torch.sigmoid(gate) * value), atol=1e-6)
@@ -84,7 +85,7 @@ def test_relu2_and_swiglu_by_hand():
 
 def test_zero_initialised_projections_make_blocks_the_identity():
     torch.manual_seed(0)
-    model = GPT(cfg(zero_init_proj=True, tie_weights=False)).eval()
+    model = build_model(cfg(zero_init_proj=True, tie_weights=False)).eval()
     idx = torch.randint(19, (1, 10))
     x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(10))
     expected = model.lm_head(model.transformer.ln_f(x))
@@ -94,7 +95,7 @@ def test_zero_initialised_projections_make_blocks_the_identity():
 def test_qk_norm_attends_with_unit_rms_queries_and_keys_by_hand():
     torch.manual_seed(0)
     config = cfg(qk_norm=True, attention="manual")
-    attn = CausalSelfAttention(config).eval()
+    attn = ModernAttention(config).eval()
     B, T, C, nh = 2, 5, config.n_embd, config.n_head
     x = torch.randn(B, T, C) * 3
     q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
@@ -156,7 +157,7 @@ def test_newton_schulz_orthogonalises_a_stack_of_matrices():
 
 
 def test_muon_takes_block_matrices_and_adamw_the_rest():
-    model = GPT(cfg(**MODERN))
+    model = build_model(cfg(**MODERN))
     opt = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02), torch.device("cpu"))
     assert isinstance(opt, MultiOptimizer)
     adamw, muon = opt.optimizers
@@ -188,6 +189,6 @@ def test_muon_with_a_zero_learning_rate_trains_without_moving_a_weight(tmp_path,
     result = train(config, tmp_path / "run", progress=False, log=lambda message: None)
     model, _, _, _ = load_checkpoint(tmp_path / "run" / "last")
     torch.manual_seed(config.train.seed)  # train() seeds the same way before building the model
-    fresh = GPT(dataclasses.replace(model.config))
+    fresh = build_model(dataclasses.replace(model.config))
     assert result.steps == 5
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))

@@ -107,6 +107,21 @@ def test_short_training_run_lowers_val_loss_and_writes_the_run(tmp_path, small_c
     assert meta["step"] == 60 and meta["full_val"]["val_loss"] == pytest.approx(result.full_val_loss)
 
 
+def test_train_leaves_the_callers_config_alone(tmp_path, small_corpus):
+    """The run fills in vocab_size and may take --init-from's shape, on its own copy."""
+    config = tiny_config(small_corpus, max_steps=2, eval_interval=2)
+    before = config.to_dict()
+    train(config, tmp_path / "run", progress=False)
+    assert config.to_dict() == before and config.model.vocab_size == 0
+    fine_tune = tiny_config(small_corpus, max_steps=2, eval_interval=2, init_from=str(tmp_path / "run"))
+    fine_tune.model.n_layer, fine_tune.model.dropout = 1, 0.1  # the checkpoint's 2 layers win; dropout is free
+    before = fine_tune.to_dict()
+    train(fine_tune, tmp_path / "tuned", progress=False)
+    assert fine_tune.to_dict() == before
+    _, _, saved, _ = load_checkpoint(tmp_path / "tuned")
+    assert (saved.model.n_layer, saved.model.dropout, saved.model.vocab_size) == (2, 0.1, 20)
+
+
 def test_ten_step_run_leaves_a_usable_checkpoint(tmp_path, small_corpus):
     train(tiny_config(small_corpus, max_steps=10, eval_interval=1000, save_every=5), tmp_path / "run", progress=False)
     model, tok, config, meta = load_checkpoint(tmp_path / "run")

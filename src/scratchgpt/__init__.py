@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from .build import build_model
 from .config import Config, DataConfig, ModelConfig, TrainConfig, config_from_preset
 from .errors import ScratchGPTError
-from .model import GPT, Bigram, build_model
+from .model import GPT, Bigram
 from .sample import generate, generate_text
 from .tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 from .train import TrainResult, train

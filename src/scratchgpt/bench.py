@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .batches import BatchSampler
+from .build import build_model
 from .config import Config
-from .data import BatchSampler, dataset_from_config
+from .data import dataset_from_config
 from .device import autocast_dtype, compile_model, governed, resolve_device, threads_now
-from .model import build_model
 from .optim import configure_optimizer
 from .train import accumulate_gradients, apply_gradients
 

@@ -26,10 +26,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .build import build_model
 from .config import Config
-from .data import sha256_of
 from .errors import CheckpointError, ConfigError, TokenizerError
-from .model import build_model
+from .files import sha256_of
 from .tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from .version import __version__
 

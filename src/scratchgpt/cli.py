@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from .allocator import keep_freed_memory
-from .config import FIELD_HELP, SECTIONS, config_from_preset, load_preset, preset_names
+from .config import (
+    FIELD_HELP,
+    FREE_MODEL_FIELDS,
+    SECTIONS,
+    config_from_preset,
+    load_preset,
+    preset_names,
+)
 from .device import governed, threads_now
 from .errors import ScratchGPTError
 from .plot import X_AXES
@@ -377,7 +384,7 @@ def _check_init_from(args: argparse.Namespace, overrides: dict[str, dict[str, An
         return
     if args.resume:
         raise ScratchGPTError("--init-from starts a new run from a checkpoint's weights; --resume continues a run: use one")
-    shape = sorted(name for name in overrides["model"] if name not in ("dropout", "attention"))
+    shape = sorted(name for name in overrides["model"] if name not in FREE_MODEL_FIELDS)
     if shape:
         flag = "--" + shape[0].replace("_", "-")
         raise ScratchGPTError(f"{flag} cannot be combined with --init-from: the model's shape comes from {init_from} "
@@ -385,24 +392,16 @@ def _check_init_from(args: argparse.Namespace, overrides: dict[str, dict[str, An
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint import read_config
-    from .config import Config
     from .distributed import launched_as_main
-    from .train import train
+    from .train import resume_config, train
 
     overrides = _overrides(args)
     _check_init_from(args, overrides)
     if args.resume:
         if args.preset:
             raise ScratchGPTError("--preset cannot be combined with --resume: the run keeps its own config (override single fields instead)")
-        run = Path(args.resume)
-        if not (run / "last" / "meta.json").is_file():
-            raise ScratchGPTError(f"cannot resume: {run / 'last'} does not exist (is {run} a run directory from `scratchgpt train --out`?)")
-        base = read_config(run / "last").to_dict()
-        for section, values in overrides.items():
-            base[section].update(values)
-        config = Config.from_dict(base)
-        out = run
+        out = Path(args.resume)
+        config = resume_config(out, overrides)
     else:
         preset = args.preset or "cpu-baby"
         config = config_from_preset(preset, overrides)

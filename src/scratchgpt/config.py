@@ -91,6 +91,16 @@ class ModelConfig:
     def mlp_width(self) -> int:
         return self.mlp_hidden or 4 * self.n_embd
 
+    def beyond_gpt2(self) -> list[str]:
+        """The options set away from GPT-2's, which the modern model (modern.py) builds."""
+        return [name for name, used in (("rmsnorm", self.norm != "layernorm"), ("rope", self.position != "learned"),
+                                        ("qk_norm", self.qk_norm), (self.activation, self.activation in ("relu2", "swiglu")),
+                                        ("zero_init_proj", self.zero_init_proj)) if used]
+
+
+# What a checkpoint's weights leave free when a run resumes or fine-tunes from it: the rest is its shape.
+FREE_MODEL_FIELDS = ("dropout", "attention")
+
 
 @dataclass
 class TrainConfig:

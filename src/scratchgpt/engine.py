@@ -36,7 +36,8 @@ import torch
 from .device import tick
 from .errors import ScratchGPTError
 from .filters import repetition_penalty_filter, sample_next
-from .model import Bigram, KVCache
+from .kv_cache import KVCache
+from .model import GPT, Bigram
 
 
 class SamplingError(ScratchGPTError, ValueError):
@@ -103,7 +104,7 @@ def decode(
         raise SamplingError(f"keep must be in [1, block_size={block_size}], got {keep}")
     # A bigram's next-token logits depend on the last token alone: there is nothing to cache.
     last_token_only = isinstance(model, Bigram)
-    cached = use_cache and hasattr(model, "new_cache") and not last_token_only
+    cached = use_cache and isinstance(model, GPT) and not last_token_only
     lock = step_lock or contextlib.nullcontext()
     tokens = idx  # (B, T), grows by one column per step
     start = max(0, tokens.size(1) - block_size)
@@ -123,7 +124,7 @@ def decode(
                 logits = model(tokens[:, -1:], cache=cache)[0][:, -1]  # (B, 1) -> (B, V)
             else:  # first step, or the window jumped: fill the cache with the window once
                 if cache is None:
-                    cache = model.new_cache(tokens.size(0))
+                    cache = KVCache.for_model(model, tokens.size(0))
                 cache.reset()
                 cache_start = start
                 logits = model(tokens[:, start:], cache=cache)[0][:, -1]  # (B, T') -> (B, V)

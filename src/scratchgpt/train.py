@@ -9,6 +9,7 @@ validation loss, a final save, and loss.png (drawn by plot.py).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -18,23 +19,27 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .batches import BatchSampler
+from .build import build_model
 from .checkpoint import (
     load_checkpoint,
     load_training_state,
+    read_config,
     recover_interrupted_save,
     save_checkpoint,
 )
-from .config import Config, ModelConfig, TrainConfig
-from .data import BatchSampler, Dataset, dataset_from_config
+from .config import FREE_MODEL_FIELDS, Config, ModelConfig, TrainConfig
+from .data import Dataset, dataset_from_config
 from .device import (
     CompiledOrEager,
     SlowdownWatch,
@@ -46,11 +51,12 @@ from .device import (
 )
 from .distributed import DistributedContext, all_sum, gather, setup, teardown
 from .errors import CheckpointError, ScratchGPTError, TokenizerError
-from .evaluate import EvaluationStopped, evaluate_split, progress_bar
-from .model import build_model, count_parameters
+from .evaluate import EvalResult, EvaluationStopped, evaluate_split, progress_bar
+from .model import count_parameters
 from .optim import configure_optimizer, set_learning_rate
 from .plot import plot_run
 from .sample import generate
+from .tokenizer import Tokenizer
 
 
 class TrainingDiverged(ScratchGPTError):
@@ -285,15 +291,6 @@ def _restore_rng(state: dict[str, Any], sampler: BatchSampler, dist_ctx: Distrib
     random.setstate((version, tuple(internal), gauss))
 
 
-def _check_same_architecture(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:
-    """Resuming may change training settings and dropout, but not the shape of the network."""
-    free = {"dropout", "attention"}
-    differ = [f"{k} ({getattr(saved, k)!r} in the checkpoint, {getattr(wanted, k)!r} now)"
-              for k in asdict(saved) if k not in free and getattr(saved, k) != getattr(wanted, k)]
-    if differ:
-        raise CheckpointError(f"cannot resume from {where}: the model config does not match: {'; '.join(differ)}")
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log rows written after the checkpoint we resume from (a crash can leave some)."""
     if not path.is_file():
@@ -310,6 +307,335 @@ def _prune_periodic(out: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Where a run starts: fresh, resumed from out/last, or fine-tuned from --init-from
+
+
+@dataclass
+class Start:
+    """What a run begins from. A fresh run has no weights; a resumed one has its step, optimizer and random states."""
+
+    config: Config  # the run's own copy; under --init-from its model shape is the checkpoint's
+    tokenizer: Tokenizer | None = None  # None: built from the corpus
+    weights: dict[str, torch.Tensor] | None = None
+    optimizer_state: dict[str, Any] | None = None
+    train_state: dict[str, Any] | None = None  # step, best val loss, tokens seen, time, random states
+
+    @property
+    def step(self) -> int:
+        return int(self.train_state["step"]) if self.train_state else 0
+
+
+def resume_config(run: Path, overrides: dict[str, dict[str, Any]]) -> Config:
+    """The config saved in `run`/last, with `overrides` applied: what `--resume RUN` trains."""
+    last = run / "last"
+    recover_interrupted_save(last)
+    if not (last / "meta.json").is_file():
+        raise CheckpointError(f"cannot resume: {last} does not exist (is {run} a run directory from `scratchgpt train --out`?); "
+                              "start a new run without --resume")
+    base = read_config(last).to_dict()
+    for section, values in overrides.items():
+        base[section].update(values)
+    return Config.from_dict(base)
+
+
+def plan_start(config: Config, out: Path, resume: bool) -> Start:
+    """Decide, once, where the run starts; the caller's config is copied, never changed."""
+    config = copy.deepcopy(config)
+    if resume:
+        resume_config(out, {})  # the checks and the recovery of an interrupted save
+        model, tokenizer, saved, _ = load_checkpoint(out / "last")
+        optimizer_state, train_state = load_training_state(out / "last")
+        if tokenizer.kind != config.data.tokenizer:
+            raise CheckpointError(f"cannot resume {out / 'last'} with --tokenizer {config.data.tokenizer}: "
+                                  f"the run was trained with the {tokenizer.kind} tokenizer")
+        config.model.vocab_size = tokenizer.vocab_size
+        differ = [f"{k} ({getattr(saved.model, k)!r} in the checkpoint, {getattr(config.model, k)!r} now)"
+                  for k in asdict(saved.model) if k not in FREE_MODEL_FIELDS and getattr(saved.model, k) != getattr(config.model, k)]
+        if differ:
+            raise CheckpointError(f"cannot resume from {out / 'last'}: the model config does not match: {'; '.join(differ)}")
+        return Start(config, tokenizer, model.state_dict(), optimizer_state, train_state)
+    if config.train.init_from:
+        model, tokenizer, initial, _ = load_checkpoint(config.train.init_from)
+        # The weights fix the network's shape; only the free fields come from this config.
+        config.model = ModelConfig(**{**asdict(initial.model), **{k: getattr(config.model, k) for k in FREE_MODEL_FIELDS}})
+        return Start(config, tokenizer, model.state_dict())
+    return Start(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: everything one training process holds, and the pieces of its loop
+
+
+@dataclass
+class Clock:
+    """The run's wall clock, across resumes, and its time budget (0: none)."""
+
+    t0: float  # time.perf_counter() when this process's part of the run started
+    before: float = 0.0  # seconds the run had already spent before a resume
+    budget: float = 0.0
+    training_seconds: float = 0.0  # the budget minus what the final evaluation will need
+    step_seconds: float = 0.0  # recent duration of one step, so a budgeted run stops before overrunning
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def progress(self) -> float | None:
+        """The fraction of the training time spent, which drives the schedule of a budgeted run."""
+        return self.elapsed() / self.training_seconds if self.budget else None
+
+    def time_is_up(self) -> bool:
+        return bool(self.budget and self.elapsed() + self.step_seconds >= self.training_seconds)
+
+    def record_step(self, seconds: float) -> None:
+        self.step_seconds = seconds if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * seconds
+
+
+@dataclass
+class Run:
+    """One process's training run: its data, model, optimizer and bookkeeping."""
+
+    config: Config
+    out: Path
+    dist_ctx: DistributedContext
+    device: torch.device
+    amp: torch.dtype | None
+    data: Dataset
+    model: nn.Module
+    step_model: nn.Module  # the model to step: compiled and/or wrapped by DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BatchSampler
+    clock: Clock
+    say: Callable[[str], None]
+    progress: bool
+    step: int = 0
+    best_val: float = float("inf")
+    tokens_seen: int = 0
+    last_losses: dict[str, float] = field(default_factory=lambda: {"train": float("nan"), "val": float("nan")})
+
+    @property
+    def main(self) -> bool:
+        return self.dist_ctx.is_main
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.config.train
+        return t.batch_size * self.config.model.block_size * t.grad_accum_steps * self.dist_ctx.world_size
+
+    def save(self, name: str, meta: dict[str, Any], with_state: bool = True) -> None:
+        """Write checkpoint `name` at the current step; with its optimizer and random states unless told not to."""
+        state = self._train_state() if with_state else None  # a collective under DDP: every rank takes part
+        if self.main:
+            save_checkpoint(self.out / name, self.model, self.data.tokenizer, self.config, {"step": self.step, **meta},
+                            self.optimizer if with_state else None, state)
+
+    def _train_state(self) -> dict[str, Any]:
+        state = _capture_rng(self.sampler, self.dist_ctx)
+        state.update(step=self.step, best_val_loss=self.best_val, tokens_seen=self.tokens_seen, elapsed_seconds=self.clock.elapsed())
+        if self.scaler.is_enabled():
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _set_up(start: Start, out: Path, dist_ctx: DistributedContext, device: torch.device, progress: bool,
+            say: Callable[[str], None], t0: float) -> Run:
+    """Seed, read the data, build the model and optimizer, and restore a resumed run's states."""
+    config, tcfg = start.config, start.config.train
+    torch.manual_seed(tcfg.seed + dist_ctx.rank)  # dropout masks differ between replicas
+    random.seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    data = dataset_from_config(config.data, tokenizer=start.tokenizer, block_size=config.model.block_size,
+                               progress=progress and dist_ctx.is_main, log=say)
+    config.model.vocab_size = data.tokenizer.vocab_size
+    model = build_model(config.model).to(device)
+    if start.weights is not None:
+        model.load_state_dict(start.weights)
+    amp = autocast_dtype(tcfg.dtype, device)
+    optimizer = configure_optimizer(model, tcfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    sampler = BatchSampler(data.train_ids, config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device,
+                           rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+    clock = Clock(t0, budget=tcfg.time_budget)
+    run = Run(config, out, dist_ctx, device, amp, data, model, model, optimizer, scaler, sampler, clock, say, progress)
+    if start.train_state:
+        _restore(run, start)
+    run.step_model = compile_model(model, device, say) if tcfg.compile else model
+    if dist_ctx.enabled:
+        run.step_model = DistributedDataParallel(run.step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if run.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if start.train_state:
+            _truncate_metrics(out / "metrics.jsonl", run.step)
+    return run
+
+
+def _restore(run: Run, start: Start) -> None:
+    """Continue a resumed run where it stopped: optimizer, random states, counters and clock."""
+    state = start.train_state
+    run.optimizer.load_state_dict(start.optimizer_state)
+    _restore_rng(state, run.sampler, run.dist_ctx)
+    if "grad_scaler" in state and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state["grad_scaler"])
+    run.step, run.best_val, run.tokens_seen = start.step, float(state["best_val_loss"]), int(state["tokens_seen"])
+    run.clock.before = float(state["elapsed_seconds"])
+    if int(state.get("world_size", 1)) != run.dist_ctx.world_size:
+        run.say(f"note: {run.out / 'last'} was saved by {state.get('world_size', 1)} process(es), resuming with "
+                f"{run.dist_ctx.world_size}: the run continues, but not bit for bit")
+
+
+def _announce(run: Run, resumed: bool) -> None:
+    """The one line that says what is being trained, where, and how."""
+    threads = torch.get_num_threads()
+    run.say(
+        f"scratchgpt: {run.config.model.model_type} with {count_parameters(run.model):,} parameters, "
+        f"vocab {run.data.tokenizer.vocab_size}, {len(run.data.train_ids):,} train / {len(run.data.val_ids):,} val tokens, "
+        f"device {run.device.type}"
+        + (f" x {run.dist_ctx.world_size} processes" if run.dist_ctx.enabled else "")
+        + (f", {threads} CPU thread{'s' if threads > 1 else ''}" if run.device.type == "cpu" else "")
+        + f", autocast {str(run.amp).replace('torch.', '') if run.amp else 'off'}, {run.tokens_per_step:,} tokens/step"
+        + (f", resuming at step {run.step}" if resumed else "")
+    )
+
+
+def _set_budget(run: Run) -> None:
+    """A time budget covers start-up, training and the final evaluation: training gets what is left
+    once the final evaluation's measured cost is set aside, and the schedule follows time."""
+    clock = run.clock
+    if not clock.budget:
+        return
+    clock.training_seconds = clock.budget - _final_eval_seconds(run.model, run.data, run.config, run.device, run.amp)
+    final = clock.budget - clock.training_seconds
+    if clock.training_seconds - clock.elapsed() <= 0:
+        raise ScratchGPTError(f"--time-budget {clock.budget:g} s is too short: start-up took {clock.elapsed():.1f} s and the "
+                              f"final evaluation needs about {final:.1f} s; give it more time")
+    run.say(f"time budget {clock.budget:.0f} s: {clock.training_seconds - clock.elapsed():.1f} s left for training after "
+            f"start-up and {final:.1f} s set aside for the final evaluation")
+
+
+def _take_step(run: Run, stop_flag: bool) -> tuple[float, float, bool]:
+    """One optimizer step at the scheduled learning rate: (mean loss over processes, lr, whether any process must stop)."""
+    tcfg = run.config.train
+    lr = lr_at(run.step, tcfg, run.clock.progress())
+    set_learning_rate(run.optimizer, lr)
+    loss = accumulate_gradients(run.step_model, run.sampler, run.scaler, tcfg.grad_accum_steps, run.amp, run.device,
+                                ddp=run.dist_ctx.enabled)
+    # One small collective per step: the mean loss over processes, and whether any was told to stop.
+    total_loss, stop_votes = all_sum([loss, float(stop_flag)], run.dist_ctx, run.device)
+    loss = total_loss / run.dist_ctx.world_size
+    if not math.isfinite(loss):
+        last = run.out / "last"
+        raise TrainingDiverged(f"the training loss became {loss} at step {run.step}; lower --lr or raise --warmup-steps. "
+                               f"The last good checkpoint is {last}" + ("" if last.exists() else " (none saved yet)"))
+    apply_gradients(run.model, run.optimizer, run.scaler, tcfg.grad_clip)
+    run.step += 1
+    run.tokens_seen += run.tokens_per_step
+    return loss, lr, stop_votes > 0
+
+
+def _evaluate_and_save(run: Run, lr: float, finished: bool, should_stop: Callable[[], bool]) -> None:
+    """Estimate train and val loss, log them with a sample, save best/ if val improved and last/ unless finishing.
+
+    Every process evaluates the same fixed windows, so all agree on whether val improved.
+    """
+    run.last_losses = estimate_loss(run.model, run.data, run.config, run.device, run.amp, run.step,
+                                    should_stop=should_stop, progress=run.progress and run.main)
+    val = run.last_losses["val"]
+    improved = val < run.best_val
+    run.best_val = min(run.best_val, val)
+    bpc, bpb = run.data.bits_per_char(val), run.data.bits_per_byte(val)  # right for tokens of many characters too
+    run.say(f"step {run.step}: train loss {run.last_losses['train']:.4f}, val loss {val:.4f}, "
+            f"val perplexity {math.exp(val):.2f}, val bpc {bpc:.3f}" + (" (best)" if improved else ""))
+    run.log_metrics({"kind": "eval", "step": run.step, "train_loss": run.last_losses["train"], "val_loss": val,
+                     "val_perplexity": math.exp(val), "val_bpc": bpc, "val_bpb": bpb, "lr": lr,
+                     "elapsed_seconds": run.clock.elapsed()})
+    sample_tokens = run.config.train.sample_tokens
+    if sample_tokens and run.main:
+        text = sample_text(run.model, run.data, sample_tokens, run.device)
+        run.say(f"--- sample at step {run.step} ---\n{text}\n---")
+        with open(run.out / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"=== step {run.step} ===\n{text}\n\n")
+    meta = {"train_loss": run.last_losses["train"], "val_loss": val}
+    if improved:
+        run.save("best", meta, with_state=False)
+    if not finished:
+        run.save("last", meta)
+
+
+def _train_loop(run: Run, stop: dict[str, bool]) -> bool:
+    """Step until the step limit or the time budget; True if a signal interrupted the run."""
+    tcfg, clock, start_step = run.config.train, run.clock, run.step
+    recent_loss, window_start, window_tokens = float("nan"), time.perf_counter(), 0
+    slowdown = SlowdownWatch(run.say)
+    bar = tqdm(total=tcfg.max_steps or None, initial=run.step, disable=not (run.progress and run.main), unit="step",
+               dynamic_ncols=True)
+    run.model.train()
+    finished = run.step >= tcfg.step_limit
+    try:
+        while not finished:
+            tick()  # the CPU thread count follows the machine's load (device.py)
+            step_start = time.perf_counter()
+            loss, lr, stop_voted = _take_step(run, stop["stop"])
+            window_tokens += run.tokens_per_step
+            recent_loss = loss if math.isnan(recent_loss) else 0.9 * recent_loss + 0.1 * loss
+            if run.step > start_step + 1:  # the first step of a process is a warm-up, slower than the rest
+                clock.record_step(time.perf_counter() - step_start)
+            finished = run.step >= tcfg.step_limit or clock.time_is_up()
+            if clock.budget and run.dist_ctx.enabled:  # every process must stop at the same step
+                finished = all_sum([float(finished)], run.dist_ctx, run.device)[0] > 0
+            if run.step % 10 == 0 or finished:
+                now = time.perf_counter()
+                tokens_per_second = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                run.log_metrics({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "tokens_per_second": tokens_per_second})
+                if run.step > start_step + 10:  # the first window holds the warm-up step
+                    slowdown.observe(tokens_per_second)
+                bar.set_postfix(loss=f"{recent_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            bar.update(1)
+            if stop_voted:
+                return True
+            if run.step % tcfg.eval_interval == 0 or finished:
+                try:
+                    _evaluate_and_save(run, lr, finished, should_stop=lambda: stop["stop"])
+                except EvaluationStopped:
+                    return True
+            if tcfg.save_every and run.step % tcfg.save_every == 0:
+                run.save(f"step-{run.step:06d}", {"train_loss": run.last_losses["train"], "val_loss": run.last_losses["val"]})
+                if run.main:
+                    _prune_periodic(run.out, tcfg.keep_checkpoints)
+        return False
+    finally:
+        bar.close()
+
+
+def _finish(run: Run, interrupted: bool, stop: dict[str, bool]) -> EvalResult | None:
+    """The full validation pass (unless interrupted), the final last/ checkpoint and the loss curve."""
+    full = None
+    if not interrupted:
+        try:
+            full = evaluate_split(run.model, run.data.val_ids, run.data.val_target_chars, batch_size=32, device=run.device,
+                                  n_bytes=run.data.val_target_bytes, should_stop=lambda: stop["stop"],
+                                  progress=run.progress and run.main, description="full validation")
+        except EvaluationStopped:
+            interrupted = True
+    losses = {"train_loss": run.last_losses["train"], "val_loss": run.last_losses["val"]}
+    if full is None:
+        run.say(f"interrupted: saving {run.out / 'last'} at step {run.step}")
+        run.save("last", {**losses, "interrupted": True})
+    else:
+        run.say(f"full validation: loss {full.val_loss:.4f}, perplexity {full.val_perplexity:.2f}, "
+                f"bpc {full.val_bpc:.3f} over {full.val_tokens:,} tokens")
+        run.save("last", {**losses, "full_val": full.to_dict()})
+    if run.main and (run.out / "metrics.jsonl").is_file():  # an interrupted run gets its curve too
+        run.say(f"loss curve: {plot_run(run.out)}")
+    return full
+
+
 def train(
     config: Config,
     out_dir: str | Path,
@@ -323,240 +649,38 @@ def train(
     Launched by torchrun, each process trains a replica with DistributedDataParallel; only the
     main process (rank 0) prints, writes logs and saves checkpoints. `started_at` (a
     `time.perf_counter()` value, default now) is when the run's wall clock starts, so that a
-    time budget can include the program's start-up.
+    time budget can include the program's start-up. `config` itself is left unchanged.
     """
     t0 = time.perf_counter() if started_at is None else started_at
     out = Path(out_dir)
-    tcfg = config.train
-    dist_ctx, device = setup(resolve_device(tcfg.device))
-    with governed(tcfg.threads, log or tqdm.write):
+    dist_ctx, device = setup(resolve_device(config.train.device))
+    with governed(config.train.threads, log or tqdm.write):
         try:
-            return _train(config, out, tcfg, dist_ctx, device, resume, progress, log, t0)
+            return _train(plan_start(config, out, resume), out, dist_ctx, device, progress, log, t0)
         finally:
             teardown(dist_ctx)
 
 
-def _train(config: Config, out: Path, tcfg: TrainConfig, dist_ctx: DistributedContext, device: torch.device,
-           resume: bool, progress: bool, log: Callable[[str], None] | None, t0: float) -> TrainResult:
-    main = dist_ctx.is_main
-    say = (log or (lambda msg: tqdm.write(msg))) if main else (lambda msg: None)
-
-    # Resume: the tokenizer, weights and every random state come from last/.
-    start_step, best_val, tokens_seen, elapsed_before = 0, float("inf"), 0, 0.0
-    resumed = None
-    if resume:
-        last = out / "last"
-        recover_interrupted_save(last)
-        if not (last / "meta.json").is_file():
-            raise CheckpointError(f"cannot resume: {last} does not exist; start a new run without --resume")
-        resumed_model, resumed_tokenizer, resumed_config, _ = load_checkpoint(last)
-        optimizer_state, train_state = load_training_state(last)
-        resumed = (resumed_model, resumed_tokenizer, optimizer_state, train_state)
-        start_step = int(train_state["step"])
-        best_val = float(train_state["best_val_loss"])
-        tokens_seen = int(train_state["tokens_seen"])
-        elapsed_before = float(train_state["elapsed_seconds"])
-        if int(train_state.get("world_size", 1)) != dist_ctx.world_size:
-            say(f"note: {last} was saved by {train_state.get('world_size', 1)} process(es), resuming with "
-                f"{dist_ctx.world_size}: the run continues, but not bit for bit")
-
-    initial = None  # fine-tuning: (model, tokenizer) of the checkpoint the run starts from
-    if tcfg.init_from and not resume:
-        initial_model, initial_tokenizer, initial_config, _ = load_checkpoint(tcfg.init_from)
-        initial = (initial_model, initial_tokenizer)
-        # The weights fix the network's shape; dropout and the attention kernel stay free.
-        config.model = ModelConfig(**{**asdict(initial_config.model), "dropout": config.model.dropout,
-                                      "attention": config.model.attention})
-
-    torch.manual_seed(tcfg.seed + dist_ctx.rank)  # dropout masks differ between replicas
-    random.seed(tcfg.seed)
-    np.random.seed(tcfg.seed)
-    amp = autocast_dtype(tcfg.dtype, device)
-
-    if resumed and resumed[1].kind != config.data.tokenizer:
-        raise CheckpointError(f"cannot resume {out / 'last'} with --tokenizer {config.data.tokenizer}: "
-                              f"the run was trained with the {resumed[1].kind} tokenizer")
-    fixed_tokenizer = resumed[1] if resumed else initial[1] if initial else None
-    data = dataset_from_config(config.data, tokenizer=fixed_tokenizer, block_size=config.model.block_size,
-                               progress=progress and main, log=say)
-    config.model.vocab_size = data.tokenizer.vocab_size
-    if resumed:
-        _check_same_architecture(resumed_config.model, config.model, out / "last")
-    model = build_model(config.model).to(device)
-    if resumed or initial:
-        model.load_state_dict((resumed or initial)[0].state_dict())
-    optimizer = configure_optimizer(model, tcfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    sampler = BatchSampler(data.train_ids, config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device,
-                           rank=dist_ctx.rank, world_size=dist_ctx.world_size)
-    if resumed:
-        optimizer.load_state_dict(resumed[2])
-        _restore_rng(resumed[3], sampler, dist_ctx)
-        if "grad_scaler" in resumed[3] and scaler.is_enabled():
-            scaler.load_state_dict(resumed[3]["grad_scaler"])
-    step_model = compile_model(model, device, say) if tcfg.compile else model
-    if dist_ctx.enabled:
-        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
-    n_params = count_parameters(model)
-
-    metrics_path = out / "metrics.jsonl"
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resumed:
-            _truncate_metrics(metrics_path, start_step)
-    tokens_per_step = tcfg.batch_size * config.model.block_size * tcfg.grad_accum_steps * dist_ctx.world_size
-    say(
-        f"scratchgpt: {config.model.model_type} with {n_params:,} parameters, vocab {data.tokenizer.vocab_size}, "
-        f"{len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, device {device.type}"
-        + (f" x {dist_ctx.world_size} processes" if dist_ctx.enabled else "")
-        + (f", {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''}" if device.type == "cpu" else "")
-        + f", autocast {str(amp).replace('torch.', '') if amp else 'off'}, {tokens_per_step:,} tokens/step"
-        + (f", resuming at step {start_step}" if resumed else "")
-    )
-
-    def train_state(step: int) -> dict[str, Any]:
-        state = _capture_rng(sampler, dist_ctx)
-        state.update(step=step, best_val_loss=best_val, tokens_seen=tokens_seen, elapsed_seconds=elapsed())
-        if scaler.is_enabled():
-            state["grad_scaler"] = scaler.state_dict()
-        return state
-
-    def save(name: str, step: int, meta: dict[str, Any], with_state: bool = True) -> None:
-        state = train_state(step) if with_state else None  # a collective under DDP: every rank takes part
-        if main:
-            save_checkpoint(out / name, model, data.tokenizer, config, {"step": step, **meta},
-                            optimizer if with_state else None, state)
-
-    def append_metrics(row: dict[str, Any]) -> None:
-        if main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
-
-    # A time budget covers start-up, training and the final evaluation: training gets what is
-    # left once the final evaluation's measured cost is set aside, and the schedule follows time.
-    training_seconds = tcfg.time_budget - _final_eval_seconds(model, data, config, device, amp) if tcfg.time_budget else 0.0
-    if tcfg.time_budget and training_seconds - elapsed() <= 0:
-        raise ScratchGPTError(
-            f"--time-budget {tcfg.time_budget:g} s is too short: start-up took {elapsed():.1f} s and the final evaluation "
-            f"needs about {tcfg.time_budget - training_seconds:.1f} s; give it more time"
-        )
-    if tcfg.time_budget:
-        say(f"time budget {tcfg.time_budget:.0f} s: {training_seconds - elapsed():.1f} s left for training after start-up "
-            f"and {tcfg.time_budget - training_seconds:.1f} s set aside for the final evaluation")
-    last_losses = {"train": float("nan"), "val": float("nan")}
-    recent_loss, window_start, window_tokens, tokens_per_second = float("nan"), time.perf_counter(), 0, 0.0
-    step = start_step
-    interrupted = False
-    step_seconds = 0.0  # recent duration of one step, so a budgeted run stops before overrunning
-    slowdown = SlowdownWatch(say)
-    bar = tqdm(total=tcfg.max_steps or None, initial=start_step, disable=not (progress and main), unit="step", dynamic_ncols=True)
-    model.train()
+def _train(start: Start, out: Path, dist_ctx: DistributedContext, device: torch.device, progress: bool,
+           log: Callable[[str], None] | None, t0: float) -> TrainResult:
+    say = (log or (lambda msg: tqdm.write(msg))) if dist_ctx.is_main else (lambda msg: None)
+    run = _set_up(start, out, dist_ctx, device, progress, say, t0)
+    _announce(run, resumed=start.train_state is not None)
+    _set_budget(run)
     with _stop_on_signals() as stop:
-        finished = step >= tcfg.step_limit
-        while not finished:
-            tick()  # the CPU thread count follows the machine's load (device.py)
-            step_start = time.perf_counter()
-            lr = lr_at(step, tcfg, elapsed() / training_seconds if tcfg.time_budget else None)
-            set_learning_rate(optimizer, lr)
-            loss_sum = accumulate_gradients(step_model, sampler, scaler, tcfg.grad_accum_steps, amp, device,
-                                            ddp=dist_ctx.enabled)
-            # One small collective per step: the mean loss over processes, and whether any was told to stop.
-            total_loss, stop_votes = all_sum([loss_sum, float(stop["stop"])], dist_ctx, device)
-            loss_sum = total_loss / dist_ctx.world_size
-            if not math.isfinite(loss_sum):
-                bar.close()
-                raise TrainingDiverged(
-                    f"the training loss became {loss_sum} at step {step}; lower --lr or raise --warmup-steps. "
-                    f"The last good checkpoint is {out / 'last'}" + ("" if (out / "last").exists() else " (none saved yet)")
-                )
-            apply_gradients(model, optimizer, scaler, tcfg.grad_clip)
-            step += 1
-            tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            recent_loss = loss_sum if math.isnan(recent_loss) else 0.9 * recent_loss + 0.1 * loss_sum
-            if step > start_step + 1:  # the first step of a process is a warm-up, slower than the rest
-                duration = time.perf_counter() - step_start
-                step_seconds = duration if not step_seconds else 0.9 * step_seconds + 0.1 * duration
-            finished = step >= tcfg.step_limit or bool(tcfg.time_budget and elapsed() + step_seconds >= training_seconds)
-            if tcfg.time_budget and dist_ctx.enabled:  # every process must stop at the same step
-                finished = all_sum([float(finished)], dist_ctx, device)[0] > 0
-
-            if step % 10 == 0 or finished:
-                now = time.perf_counter()
-                tokens_per_second = window_tokens / max(now - window_start, 1e-9)
-                window_start, window_tokens = now, 0
-                append_metrics({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "tokens_per_second": tokens_per_second})
-                if step > start_step + 10:  # the first window holds the warm-up step
-                    slowdown.observe(tokens_per_second)
-                bar.set_postfix(loss=f"{recent_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
-            bar.update(1)
-
-            if stop_votes > 0:
-                interrupted = True
-                break
-            if step % tcfg.eval_interval == 0 or finished:
-                # Every process evaluates the same fixed windows, so all agree on `improved`.
-                try:
-                    last_losses = estimate_loss(model, data, config, device, amp, step, should_stop=lambda: stop["stop"],
-                                                progress=progress and main)
-                except EvaluationStopped:
-                    interrupted = True
-                    break
-                val = last_losses["val"]
-                improved = val < best_val
-                best_val = min(best_val, val)
-                bpc, bpb = data.bits_per_char(val), data.bits_per_byte(val)  # right for tokens of many characters too
-                say(f"step {step}: train loss {last_losses['train']:.4f}, val loss {val:.4f}, "
-                    f"val perplexity {math.exp(val):.2f}, val bpc {bpc:.3f}" + (" (best)" if improved else ""))
-                append_metrics({"kind": "eval", "step": step, "train_loss": last_losses["train"], "val_loss": val,
-                                "val_perplexity": math.exp(val), "val_bpc": bpc, "val_bpb": bpb, "lr": lr,
-                                "elapsed_seconds": elapsed()})
-                if tcfg.sample_tokens and main:
-                    text = sample_text(model, data, tcfg.sample_tokens, device)
-                    say(f"--- sample at step {step} ---\n{text}\n---")
-                    with open(out / "samples.txt", "a", encoding="utf-8") as f:
-                        f.write(f"=== step {step} ===\n{text}\n\n")
-                meta = {"train_loss": last_losses["train"], "val_loss": val}
-                if improved:
-                    save("best", step, meta, with_state=False)
-                if not finished:
-                    save("last", step, meta)
-            if tcfg.save_every and step % tcfg.save_every == 0:
-                save(f"step-{step:06d}", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"]})
-                if main:
-                    _prune_periodic(out, tcfg.keep_checkpoints)
-        bar.close()
-        full = None
-        if not interrupted:
-            try:
-                full = evaluate_split(model, data.val_ids, data.val_target_chars, batch_size=32, device=device,
-                                      n_bytes=data.val_target_bytes, should_stop=lambda: stop["stop"],
-                                      progress=progress and main, description="full validation")
-            except EvaluationStopped:
-                interrupted = True
-        if interrupted:
-            say(f"interrupted: saving {out / 'last'} at step {step}")
-            save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "interrupted": True})
-        else:
-            say(f"full validation: loss {full.val_loss:.4f}, perplexity {full.val_perplexity:.2f}, "
-                f"bpc {full.val_bpc:.3f} over {full.val_tokens:,} tokens")
-            save("last", step, {"train_loss": last_losses["train"], "val_loss": last_losses["val"], "full_val": full.to_dict()})
-        if main and metrics_path.is_file():  # an interrupted run gets its curve too
-            say(f"loss curve: {plot_run(out)}")
-    total_seconds = elapsed()
+        interrupted = _train_loop(run, stop)
+        full = _finish(run, interrupted, stop)
+    total_seconds = run.clock.elapsed()
     return TrainResult(
         out_dir=str(out),
-        steps=step,
-        train_loss=last_losses["train"],
-        val_loss=last_losses["val"],
-        best_val_loss=best_val,
+        steps=run.step,
+        train_loss=run.last_losses["train"],
+        val_loss=run.last_losses["val"],
+        best_val_loss=run.best_val,
         full_val_loss=full.val_loss if full else float("nan"),
         full_val_bpc=full.val_bpc if full else float("nan"),
-        n_parameters=n_params,
-        tokens_per_second=tokens_seen / max(total_seconds, 1e-9),
+        n_parameters=count_parameters(run.model),
+        tokens_per_second=run.tokens_seen / max(total_seconds, 1e-9),
         elapsed_seconds=total_seconds,
-        interrupted=interrupted,
+        interrupted=full is None,
     )

@@ -1,0 +1,129 @@
+"""The speedrun's parts, swapped into the classic GPT (model.py): RoPE, RMSNorm, QK-norm, ReLU^2, SwiGLU
+and zero-initialised projections. Each is a `ModelConfig` option; build.py picks `ModernGPT`
+when a config asks for any of them. The module and parameter names stay GPT-2's, so a
+checkpoint's weights load whichever class built them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .model import GPT, MLP, Block, CausalSelfAttention, _init_linear_and_embedding
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (scale only, no centring: cheaper, and as good here)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-6)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rope_tables(head_size: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (length, head_size / 2) for rotary position embeddings (Su et al., 2021).
+
+    Channel pair i of the token at position m turns by the angle m * base^(-2i / head_size):
+    fast for the first pairs, slow for the last.
+    """
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[..., i], x[..., i + hs/2]) of (B, nh, T, hs) by its position's angle.
+
+    A rotation keeps every pair's length, and q_m . k_n then depends on m - n only: attention
+    sees relative positions.
+    """
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), broadcast over batch and heads
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class ModernAttention(CausalSelfAttention):
+    """Causal self-attention whose queries and keys may be RMS-normalised (QK-norm) and rotated (RoPE)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.qk_norm = config.qk_norm
+        self.use_rope = config.position == "rope"
+        if self.use_rope:
+            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # derived from the config, not saved
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def position_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.qk_norm:  # unit-RMS queries and keys keep attention logits in a tame range
+            q = F.rms_norm(q, (q.size(-1),))
+            k = F.rms_norm(k, (k.size(-1),))
+        if self.use_rope:  # before the cache: each key is rotated once, at its own position
+            T = q.size(2)
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+        return q, k
+
+
+class ModernMLP(MLP):
+    """The MLP with ReLU^2 (So et al., 2021) or SwiGLU (Shazeer, 2020) in place of GELU."""
+
+    def __init__(self, config: ModelConfig):
+        nn.Module.__init__(self)  # not MLP's: SwiGLU's first layer has another width
+        self.activation = config.activation
+        # SwiGLU computes a gate and a value, so its first layer is twice as wide.
+        width_out = 2 * config.mlp_width if config.activation == "swiglu" else config.mlp_width
+        self.c_fc = nn.Linear(config.n_embd, width_out, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, C) -> (B, T, 4C), or (B, T, 8C) for SwiGLU
+        if self.activation == "swiglu":
+            gate, value = h.chunk(2, dim=-1)  # (B, T, 8C) -> 2 x (B, T, 4C)
+            h = F.silu(gate) * value
+        else:  # relu2
+            h = F.relu(h).square()
+        return self.dropout(self.c_proj(h))  # (B, T, 4C) -> (B, T, C)
+
+
+class ModernBlock(Block):
+    """The pre-norm block (Block.forward) built from the parts the config names."""
+
+    def __init__(self, config: ModelConfig):
+        nn.Module.__init__(self)  # not Block's, which would build the classic parts first
+        self.ln_1 = make_norm(config)
+        self.attn = ModernAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = ModernMLP(config) if config.activation in ("relu2", "swiglu") else MLP(config)
+
+
+class ModernGPT(GPT):
+    """The GPT of model.py with the modern parts: no position table under RoPE, RMSNorm, zero-init."""
+
+    def layers(self, config: ModelConfig) -> dict[str, nn.Module]:
+        layers: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}
+        if config.position == "learned":  # with RoPE, positions enter inside attention instead
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([ModernBlock(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config),
+        )
+        return layers
+
+    def init_weights(self) -> None:
+        if not self.config.zero_init_proj:
+            return super().init_weights()
+        self.apply(_init_linear_and_embedding)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # each block starts as the identity; training grows it
+                nn.init.zeros_(param)
+
+    def embed(self, idx: torch.Tensor, start: int) -> torch.Tensor:
+        if "wpe" in self.transformer:
+            return super().embed(idx, start)
+        return self.transformer.wte(idx)  # (B, T) -> (B, T, C); RoPE adds the positions in attention
