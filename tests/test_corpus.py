@@ -14,7 +14,7 @@ import scratchgpt.data as data_module
 import scratchgpt.text as text_module
 from scratchgpt.cli import main
 from scratchgpt.data import prepare_dataset
-from scratchgpt.errors import DataError, TokenizerError
+from scratchgpt.errors import ConfigError, DataError, TokenizerError
 from scratchgpt.text import FILE_SEPARATOR, find_corpus_files, read_text
 from scratchgpt.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
@@ -96,8 +96,10 @@ def test_another_encoding_is_read_when_named(tmp_path):
     path = write(tmp_path / "latin.txt", ("Grüße aus Köln\n" * 30).encode("latin-1"))
     data = prepare_dataset(str(path), encoding="latin-1")
     assert "ü" in data.tokenizer.chars and data.train_chars + data.val_chars == 15 * 30
-    with pytest.raises(DataError, match="unknown text encoding"):
+    with pytest.raises(ConfigError, match="unknown text encoding"):
         prepare_dataset(str(path), encoding="no-such-codec")
+    with pytest.raises(ConfigError, match="tokenizer must be one of"):
+        prepare_dataset(str(path), kind="words")
 
 
 def test_offsets_are_right_across_read_chunks(tmp_path, monkeypatch):

@@ -76,7 +76,17 @@ PRESETS_EXAMPLES = """examples:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that says where to look for help."""
+    """argparse, but a usage error is one line that says where to look for help, and subcommands are listed."""
+
+    def __init__(self, *args, **kwargs):
+        self.subcommands: dict[str, _Parser] = {}  # name -> parser, filled by add_subparsers(...).add_parser
+        self.subcommand_dest: str | None = None
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs):
+        action = super().add_subparsers(**kwargs)
+        self.subcommands, self.subcommand_dest = action.choices, kwargs.get("dest")
+        return action
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -85,16 +95,13 @@ class _Parser(argparse.ArgumentParser):
         """Unknown arguments are reported by the command that was given them, so its own --help is named."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            _chosen_parser(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+            self.chosen(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
 
-
-def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
-    """The innermost (sub)command parser that `args` went through, such as that of `scratchgpt bench train`."""
-    for action in parser._actions:  # argparse has no public way to list subcommands
-        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
-            return _chosen_parser(action.choices[getattr(args, action.dest)], args)
-    return parser
+    def chosen(self, args: argparse.Namespace) -> _Parser:
+        """The innermost (sub)command parser that `args` went through, such as that of `scratchgpt bench train`."""
+        name = getattr(args, self.subcommand_dest, None) if self.subcommand_dest else None
+        return self.subcommands[name].chosen(args) if name in self.subcommands else self
 
 
 def _field_type(annotation: Any) -> type:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .tokenizer import TOKENIZER_KINDS
 
 MODEL_TYPES = ("gpt", "bigram")
 ATTENTION_IMPLS = ("sdpa", "manual")
@@ -28,7 +29,6 @@ OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("cosine", "wsd")
-TOKENIZERS = ("char", "byte", "bpe")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -172,7 +172,7 @@ class TrainConfig:
 class DataConfig:
     """Which text to train on and how to cut it into tokens."""
 
-    path: str = ""  # a text file, a directory of them, or a glob; empty means Tiny Shakespeare (downloaded once, cached)
+    path: str = ""  # a text file, a directory of them, or a glob; empty means Tiny Shakespeare (shipped with the package)
     tokenizer: str = "char"  # "char" (one token per character), "byte" (per UTF-8 byte) or "bpe" (byte-level BPE)
     val_fraction: float = 0.1  # the last 10% of the characters validate
     vocab_size: int = 1024  # bpe only: tokens in the learned vocabulary (256 bytes + merges)
@@ -180,7 +180,7 @@ class DataConfig:
     skip_bad_files: bool = False  # leave out files that are not text in `encoding`, instead of refusing them
 
     def __post_init__(self) -> None:
-        _require(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        _require(self.tokenizer in TOKENIZER_KINDS, f"tokenizer must be one of {TOKENIZER_KINDS}, got {self.tokenizer!r}")
         _require(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         _require(self.tokenizer != "bpe" or 256 <= self.vocab_size <= 2**20,
                  f"vocab_size must be at least 256 (the byte symbols) and at most {2**20} for bpe, got {self.vocab_size}")

@@ -5,7 +5,6 @@ Keyed by a SHA-256 of the text and the tokenizer, so a second run only hashes an
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import math
@@ -28,7 +27,6 @@ from .files import atomic_write_bytes, write_once
 from .text import Corpus, CorpusStats, cache_dir, codepoints, find_corpus_files, scan_corpus
 from .tokenizer import (
     DEFAULT_BPE_VOCAB_SIZE,
-    TOKENIZER_KINDS,
     BPETokenizer,
     ByteTokenizer,
     CharTokenizer,
@@ -218,12 +216,9 @@ def prepare_dataset(
     uint8/uint16/uint32 token files that are then memory-mapped.
     """
     log = log or _default_log
-    if tokenizer is None and kind not in TOKENIZER_KINDS:
-        raise DataError(f"unknown tokenizer {kind!r}; choose one of {TOKENIZER_KINDS}")
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise DataError(f"unknown text encoding {encoding!r}; pass --encoding with a Python codec name such as utf-8, latin-1 or cp1252") from None
+    # The settings follow DataConfig's rules, written once there (a ConfigError names the bad one).
+    DataConfig(path=path or "", tokenizer=tokenizer.kind if tokenizer else kind, val_fraction=val_fraction,
+               vocab_size=vocab_size, encoding=encoding, skip_bad_files=skip_bad_files)
     files, source = find_corpus_files(path)
     corpus = Corpus(files, source, encoding, skip_bad_files, progress)
     content_key = corpus.content_key(_CACHE_FORMAT)
