@@ -299,6 +299,9 @@ def _add_serve_parser(commands) -> None:
 EXPORT_EXAMPLES = """examples:
   scratchgpt export --checkpoint runs/baby --format hf --out hf/baby
   python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf/baby')"
+  scratchgpt export --checkpoint runs/baby --format gguf --out gguf/baby.gguf      # for llama.cpp, Ollama, LM Studio
+  scratchgpt export --checkpoint runs/big --format gguf --dtype q8_0 --out gguf/big-q8.gguf
+  ollama create baby -f gguf/baby.Modelfile && ollama run baby "ROMEO:"
 """
 IMPORT_EXAMPLES = """examples:
   scratchgpt import --format hf --from hf/baby --out runs/baby-again
@@ -309,13 +312,18 @@ IMPORT_EXAMPLES = """examples:
 
 
 def _add_interop_parsers(commands) -> None:
-    p = commands.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory", epilog=EXPORT_EXAMPLES,
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = commands.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory or a GGUF file",
+                            epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                             description="Write a checkpoint as a directory that transformers' GPT2LMHeadModel.from_pretrained "
-                                        "loads, with the same logits. Only the classic GPT-2 architecture exports.")
+                                        "loads with the same logits (--format hf), or as a GGUF file that llama.cpp, Ollama "
+                                        "and LM Studio run, with an Ollama Modelfile beside it (--format gguf, needs "
+                                        "pip install 'scratchgpt[gguf]'). Only the classic GPT-2 architecture exports.")
     p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
-    p.add_argument("--format", default="hf", choices=["hf"], help="hf: Hugging Face transformers GPT-2 (default)")
-    p.add_argument("--out", required=True, help="the directory to write (must be new or empty)")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: Hugging Face transformers GPT-2 (default); gguf: one file for llama.cpp")
+    p.add_argument("--out", required=True, help="hf: the directory to write (new or empty); gguf: the .gguf file to write")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
+                   help="gguf only: how the weight matrices are stored (default f32; f16 halves the file, q8_0 quarters it)")
     p.add_argument("--overwrite", action="store_true", help="replace what is already in --out")
 
     p = commands.add_parser("import", help="make a checkpoint from a Hugging Face GPT-2 directory", epilog=IMPORT_EXAMPLES,
@@ -331,6 +339,10 @@ def _add_interop_parsers(commands) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.dtype != "f32":
+        raise ScratchGPTError("--dtype applies to --format gguf only; a Hugging Face export keeps float32 weights")
     from .hf import export_hf
 
     result = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
@@ -338,6 +350,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"wrote {result.out_dir}: config.json, model.safetensors, {', '.join(result.tokenizer_files + ['README.md'])}")
     print(f"load it: GPT2LMHeadModel.from_pretrained({str(result.out_dir)!r}) (pip install 'scratchgpt[hf]')")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf
+
+    result = export_gguf(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {result.path} ({result.n_bytes / 1e6:.1f} MB, {result.dtype}) and {result.modelfile}")
+    print(f"run it: ollama create NAME -f {result.modelfile} && ollama run NAME, or load {result.path} in LM Studio or llama.cpp")
     return 0
 
 

@@ -46,13 +46,13 @@ class ExportResult:
 # Configs
 
 
-def check_exportable(config: ModelConfig) -> None:
-    """Refuse, naming the option, a model that GPT-2's architecture cannot express.
+def check_exportable(config: ModelConfig, target: str = "Hugging Face GPT-2") -> None:
+    """Refuse, naming the option, a model that GPT-2's architecture cannot express (in `target`'s words).
 
     Only the classic architecture has a GPT-2 equivalent: learned positions, LayerNorm, GELU.
     """
     if config.model_type != "gpt":
-        raise InteropError(f"only GPT models export to Hugging Face GPT-2, not model_type {config.model_type!r}")
+        raise InteropError(f"only GPT models export to {target}, not model_type {config.model_type!r}")
     refused = [
         ("norm", config.norm != "layernorm", "GPT-2 uses LayerNorm"),
         ("position", config.position != "learned", "GPT-2 uses learned position embeddings"),
@@ -62,7 +62,7 @@ def check_exportable(config: ModelConfig) -> None:
     for name, bad, why in refused:
         if bad:
             raise InteropError(
-                f"cannot export to Hugging Face GPT-2: {name}={getattr(config, name)!r} has no GPT-2 equivalent "
+                f"cannot export to {target}: {name}={getattr(config, name)!r} has no GPT-2 equivalent "
                 f"({why}); only the classic architecture exports"
             )
 
