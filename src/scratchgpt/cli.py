@@ -278,6 +278,8 @@ def _add_bench_sample_parser(kinds) -> None:
 SERVE_EXAMPLES = """examples:
   scratchgpt serve --checkpoint runs/baby                      # then open http://127.0.0.1:8000/
   scratchgpt serve --checkpoint runs/baby --host 0.0.0.0 --port 9000 --max-tokens-cap 500
+  read -s SCRATCHGPT_API_KEY && export SCRATCHGPT_API_KEY    # a classroom: clients need the key
+  scratchgpt serve --checkpoint runs/baby --host 0.0.0.0
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "ROMEO:", "max_tokens": 100, "temperature": 0.8, "seed": 1}'
 """
@@ -293,6 +295,21 @@ def _add_serve_parser(commands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="refuse requests for more new tokens than this (default 2048)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $SCRATCHGPT_API_KEY, which keeps the "
+                        "key out of shell history; neither: no key). / and /health stay open")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000,
+                   help="refuse a request body larger than this with a 413 (default 1000000)")
+    p.add_argument("--max-prompt-tokens", type=int, default=8192,
+                   help="refuse a prompt of more tokens than this with a 400 (default 8192)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C, let running requests finish for up to this long, then exit (default 30)")
+    p.add_argument("--slots", type=int, default=16,
+                   help="samples generated at once, in one forward pass per token; each request's n takes n of them (default 16)")
+    p.add_argument("--max-waiting", type=int, default=32,
+                   help="requests that may wait for a free slot; beyond them the server answers 429 (default 32)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may generate before it is ended with finish_reason length (default 600)")
     _add_device_flags(p)
 
 
@@ -555,14 +572,32 @@ def cmd_bench_sample(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import serve
+        from .server import BatchingLimits, serve
     except ImportError as exc:
         raise ScratchGPTError(f"the server needs the serve extra ({exc.name} is missing): pip install 'scratchgpt[serve]'") from None
     if not 0 <= args.port <= 65535:
         raise ScratchGPTError(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens_cap < 1:
         raise ScratchGPTError(f"--max-tokens-cap must be >= 1, got {args.max_tokens_cap}")
-    serve(args.checkpoint, args.host, args.port, args.max_tokens_cap, args.device)
+    for flag, value in (("--max-body-bytes", args.max_body_bytes), ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if value < 1:
+            raise ScratchGPTError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.drain_seconds < math.inf:
+        raise ScratchGPTError(f"--drain-seconds must be a number >= 0, got {args.drain_seconds}")
+    api_key, source = (args.api_key, "--api-key") if args.api_key is not None \
+        else (os.environ.get("SCRATCHGPT_API_KEY"), "SCRATCHGPT_API_KEY")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable() and api_key and " " not in api_key):
+        raise ScratchGPTError(f"{source} must be a non-empty key of printable ASCII characters without spaces "
+                              "(clients send it in the header 'Authorization: Bearer KEY')")
+    for flag, value, least in (("--slots", args.slots, 1), ("--max-waiting", args.max_waiting, 0)):
+        if value < least:
+            raise ScratchGPTError(f"{flag} must be >= {least}, got {value}")
+    if not 0 < args.request_timeout < math.inf:
+        raise ScratchGPTError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
+    batching = BatchingLimits(args.slots, args.max_waiting, args.request_timeout)
+    serve(args.checkpoint, args.host, args.port, args.max_tokens_cap, args.device, api_key=api_key,
+          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, drain_seconds=args.drain_seconds,
+          batching=batching)
     return 0
 
 

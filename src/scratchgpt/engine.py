@@ -26,6 +26,7 @@ string begins. `stream_completion` combines both for the CLI and the HTTP server
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -301,11 +302,15 @@ def stream_completion(
     cancel: threading.Event | None = None,
     step_lock: contextlib.AbstractContextManager | None = None,
     on_token=None,
+    decoder=None,
 ) -> Iterator[list[CompletionChunk]]:
     """Yield, step by step, the chunks of new text of the samples that have some, then each sample's last chunk.
 
-    The prompt is encoded here (an unknown character raises TokenizerError); `on_token(n)`
-    is called after each decoding step with the number of tokens it produced.
+    The prompt is encoded and the decoding submitted now (an unknown character raises
+    TokenizerError, a full server ServerBusy); the chunks come as the result is iterated.
+    `decoder` has engine.decode's signature without the model (default: engine.decode on
+    `model`; the server passes its batching Scheduler's). `on_token(n)` is called after each
+    decoding step with the number of tokens it produced.
     """
     settings.validate()
     device = next(model.parameters()).device
@@ -314,11 +319,18 @@ def stream_completion(
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)  # (1, T)
     if idx.size(1) == 0:
         raise SamplingError("the prompt must not be empty")
+    decoder = decoder or functools.partial(decode, model)
+    steps = decoder(idx, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+                    top_p=settings.top_p, repetition_penalty=settings.repetition_penalty, generator=generator,
+                    num_samples=settings.num_samples, use_cache=settings.use_cache, cancel=cancel, step_lock=step_lock)
+    return _completion_chunks(tokenizer, settings, steps, cancel, on_token)
+
+
+def _completion_chunks(tokenizer, settings: SamplingSettings, steps: Iterator[Step], cancel: threading.Event | None,
+                       on_token) -> Iterator[list[CompletionChunk]]:
+    """The text of each decoding step, per sample, cut at stop strings; then each sample's last chunk."""
     streams = [TextStream(tokenizer, settings.stop) for _ in range(settings.num_samples)]
     details: list[list[TokenDetail]] = [[] for _ in streams]
-    steps = decode(model, idx, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-                   top_p=settings.top_p, repetition_penalty=settings.repetition_penalty, generator=generator,
-                   num_samples=settings.num_samples, use_cache=settings.use_cache, cancel=cancel, step_lock=step_lock)
     try:
         for step in steps:
             chunks = []

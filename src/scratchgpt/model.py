@@ -38,13 +38,19 @@ def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Ten
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
-def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Causal attention written out: softmax(QK^T / sqrt(hs) + mask) @ V, queries (B, nh, T, hs), keys (B, nh, S, hs)."""
+def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, training: bool = False,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention written out: softmax(QK^T / sqrt(hs) + mask) @ V, queries (B, nh, T, hs), keys (B, nh, S, hs).
+
+    `mask` (broadcast to (B, nh, T, S), True where a query may look) replaces the causal one.
+    """
     T, S, head_size = q.size(-2), k.size(-2), q.size(-1)
     # Scaling q (T x hs) rather than the scores (T x S), and adding the mask below rather than
     # masked_fill on the scores, compile to a faster kernel.
     scores = (q * (1.0 / math.sqrt(head_size))) @ k.transpose(-2, -1)  # (B, nh, T, hs) @ (B, nh, hs, S) -> (B, nh, T, S)
-    if T > 1:  # a single query (a cached decoding step) is the newest token: every key is its past
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif T > 1:  # a single query (a cached decoding step) is the newest token: every key is its past
         # 0 where a token may look (itself and the past), -inf where it may not: after the
         # softmax the future gets zero weight.
         mask = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~causal_mask(T, S, q.device), float("-inf"))
@@ -70,28 +76,35 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        start = cache.length if cache is not None else 0  # position of the first of these T tokens
+        # Position of the first of these T tokens: an int, or one per row (B, 1) when a batched
+        # server's cache holds sequences of different lengths.
+        start = cache.length if cache is not None else 0
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
         # (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs): each head attends independently
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         q, k = self.position_queries_and_keys(q, k, start)
+        mask = None
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, T, hs) -> (B, nh, start + T, hs)
-        y = self.attend(q, k, v, start)
+            mask = cache.attention_mask  # None: each query sees every cached key and itself
+        y = self.attend(q, k, v, start, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
-    def position_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The classic model's positions are already in x (learned embeddings); modern.py rotates q and k here."""
         return q, k
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal attention of T queries at positions start.. over start + T keys: (B, nh, T, hs)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of T queries at positions start.. over start + T keys (or as `mask` says): (B, nh, T, hs)."""
         dropout_p = self.dropout if self.training else 0.0
         if not self.use_sdpa:
-            return manual_attention(q, k, v, dropout_p=dropout_p, training=self.training)
+            return manual_attention(q, k, v, dropout_p=dropout_p, training=self.training, mask=mask)
+        if mask is not None:
+            return self.sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         T = q.size(2)
         if start == 0:  # square: the usual causal triangle
             return self.sdpa(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -170,10 +183,10 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
-    def embed(self, idx: torch.Tensor, start: int) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """What each token is plus where it is: (B, T) -> (B, T, C)."""
-        positions = torch.arange(start, start + idx.size(1), device=idx.device)
-        return self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C)
+        positions = start + torch.arange(idx.size(1), device=idx.device)  # (T,), or (B, T) for one start per row
+        return self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,14 +195,15 @@ class GPT(nn.Module):
         With a cache, idx continues the cached tokens (it sits at positions cache.length...),
         its keys and values are added to the cache, and the logits are for idx's positions only.
         """
-        start = cache.length if cache is not None else 0
-        if start + idx.size(1) > self.config.block_size:
-            raise ValueError(f"sequence of {start + idx.size(1)} tokens is longer than block_size {self.config.block_size}")
+        start = cache.length if cache is not None else 0  # an int, or one per row (B, 1)
+        end = int(start.max()) + idx.size(1) if torch.is_tensor(start) else start + idx.size(1)
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
         x = self.transformer.drop(self.embed(idx, start))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
         if cache is not None:
-            cache.length += idx.size(1)
+            cache.advance(idx.size(1))
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
         return logits, lm_loss(logits, targets)

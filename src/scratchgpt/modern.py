@@ -56,13 +56,17 @@ class ModernAttention(CausalSelfAttention):
             self.register_buffer("rope_cos", cos, persistent=False)  # derived from the config, not saved
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def position_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.qk_norm:  # unit-RMS queries and keys keep attention logits in a tame range
             q = F.rms_norm(q, (q.size(-1),))
             k = F.rms_norm(k, (k.size(-1),))
         if self.use_rope:  # before the cache: each key is rotated once, at its own position
             T = q.size(2)
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            if torch.is_tensor(start):  # one start per row (B, 1): tables (B, 1, T, hs/2) for the heads to share
+                positions = start + torch.arange(T, device=q.device)
+                cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            else:
+                cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
         return q, k

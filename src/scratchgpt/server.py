@@ -5,22 +5,36 @@
     GET  /v1/models        the one model served, as OpenAI lists models
     POST /v1/completions   OpenAI's legacy completions API, streamed as server-sent events on request
 
-The server is a thin layer over `engine.stream_completion`, the sampler the CLI uses. It clamps
-what callers may ask for (--max-tokens-cap, n, logprobs) and answers bad requests with a 400
-and a JSON message. Each request decodes in a worker thread so the event loop stays free;
-one lock is held around every forward pass, so a request's arithmetic is the same whether it
-runs alone or beside fifteen others (the same seed gives the same text), and requests take
-turns token by token. A client that goes away cancels its generation before the next token.
+The server is a thin layer over `engine.stream_completion`, the sampler the CLI uses, fed by
+continuous batching (batching.py): one forward pass advances every running request, at a shape
+that does not depend on how many run, so the same seed gives the same text alone or beside
+fifteen others. It clamps what callers may ask for (--max-tokens-cap, n, logprobs) and answers
+bad requests with a 400 and a JSON message. Each request reads its tokens in a worker thread so
+the event loop stays free; a client that goes away frees its slot at the next step. (A bigram
+model, which has no cache to batch, decodes under one lock instead.)
+
+For a shared server (a classroom): an optional API key guards /v1/* (`Authorization: Bearer KEY`,
+else a 401), a body over --max-body-bytes is a 413 and a prompt over --max-prompt-tokens a 400,
+a full server (ServerBusy, raised when a request is accepted) is a 429 with Retry-After, and on
+SIGTERM uvicorn stops accepting, lets running requests finish for up to --drain-seconds, and the
+lifespan's shutdown then calls ServerState.close. /health shows the load: ServerState.load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import hmac
+import ipaddress
 import json
+import math
+import signal
+import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any
@@ -32,9 +46,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from .batching import (
+    DEFAULT_MAX_WAITING,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_SLOTS,
+    Scheduler,
+    ServerBusy,
+)
 from .engine import CompletionChunk, SamplingError, SamplingSettings, TokenDetail, stream_completion
-from .errors import TokenizerError
-from .model import count_parameters
+from .errors import ScratchGPTError, TokenizerError
+from .model import GPT, count_parameters
 
 DEFAULT_MAX_TOKENS_CAP = 2048
 MAX_SAMPLES = 16  # n
@@ -42,6 +63,11 @@ MAX_LOGPROBS = 20  # alternatives per token
 MAX_STOP_STRINGS = 16
 REQUEST_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}  # engine field -> API field
 DISCONNECT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still there
+DEFAULT_MAX_BODY_BYTES = 1_000_000  # --max-body-bytes: a larger request body is a 413
+DEFAULT_MAX_PROMPT_TOKENS = 8192  # --max-prompt-tokens: a longer prompt is a 400
+DEFAULT_DRAIN_SECONDS = 30.0  # --drain-seconds: how long SIGTERM lets running requests finish
+API_KEY_ENV = "SCRATCHGPT_API_KEY"  # where `scratchgpt serve` finds the key when --api-key is not given
+LOAD_WINDOW_S = 5.0  # /health's tokens_per_second is the rate over this many seconds
 
 
 # --- the request, and the errors it can earn ---------------------------------------------------------------------
@@ -73,10 +99,11 @@ class BadRequest(Exception):
         self.param = param
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    """An OpenAI-shaped error body with the given status."""
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
+def _error(status: int, message: str, param: str | None = None, *, kind: str = "invalid_request_error",
+           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-shaped error body with the given status: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
@@ -92,20 +119,131 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     return _error(400, f"invalid request: {message}", where or None)
 
 
+async def _server_busy(request: Request, exc: ServerBusy) -> JSONResponse:
+    """Exception handler: every slot taken and the waiting line full is a 429 with Retry-After, as OpenAI answers."""
+    retry_after = max(1, math.ceil(exc.retry_after)) if math.isfinite(exc.retry_after) else 1
+    return _error(429, str(exc) or "the server is busy; retry later", kind="requests", code="rate_limit_exceeded",
+                  headers={"Retry-After": str(retry_after)})
+
+
+# --- in front of every route: the API key and the size of a request body ------------------------------------------
+
+def _needs_key(path: str) -> bool:
+    """Whether a path is the API (/v1/*), which a key guards; / and /health stay open."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+class _Guard:
+    """ASGI middleware: with an API key set, a /v1/* request without `Authorization: Bearer KEY` is a 401; a
+    request body over `max_body_bytes` is a 413, by its Content-Length or, without one, by counting what arrives."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.key = api_key.encode("utf-8") if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])  # lower-case names; of repeated headers the last counts
+        if self.key is not None and _needs_key(scope["path"]):
+            refusal = self._key_refusal(headers.get(b"authorization"))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        length = headers.get(b"content-length", b"")
+        if length.isdigit():  # uvicorn (h11) holds the body to the length it declares
+            if int(length) > self.max_body_bytes:
+                await self._too_large()(scope, receive, send)
+                return
+        else:  # chunked, or no body: read it here, up to the limit, and hand it on
+            received = await self._read_body(receive)
+            if received is None:
+                await self._too_large()(scope, receive, send)
+                return
+            receive = _replay(received, receive)
+        await self.app(scope, receive, send)
+
+    def _key_refusal(self, authorization: bytes | None) -> JSONResponse | None:
+        """None if `authorization` carries this server's key (compared in constant time), else the 401."""
+        scheme, _, token = (authorization or b"").strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return None
+        if authorization is None:
+            message = ("this server needs an API key: send the header 'Authorization: Bearer KEY' "
+                       "(the openai client sends it given api_key=KEY)")
+        else:
+            message = "incorrect API key: 'Authorization: Bearer KEY' does not carry this server's key"
+        return _error(401, message, kind="invalid_request_error", code="invalid_api_key",
+                      headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, receive) -> list[dict] | None:
+        """The request's body messages, or None as soon as they add up to more than the limit."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client left: let the app see it
+                return messages
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                return messages
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, f"the request body is larger than this server's limit of {self.max_body_bytes} bytes "
+                           "(--max-body-bytes)")
+
+
+def _replay(messages: list[dict], receive):
+    """An ASGI receive that gives `messages` first, then whatever `receive` gives."""
+    pending = collections.deque(messages)
+
+    async def replayed() -> dict:
+        return pending.popleft() if pending else await receive()
+    return replayed
+
+
 # --- what every route shares ---------------------------------------------------------------------------------------
 
 class _Stats:
-    """Counters shown by /health: requests generating now, and tokens generated since the start."""
+    """Counters shown by /health: requests generating now, tokens generated since the start, and their recent rate."""
+
+    BUCKET_S = 0.1  # the recent tokens are counted per tenth of a second
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.active = 0
         self.tokens_generated = 0
+        self.started = time.monotonic()
+        self._recent: collections.deque[list[int]] = collections.deque()  # [bucket number, tokens], oldest first
 
     def add_tokens(self, n: int) -> None:
         """Count `n` more generated tokens (called from worker threads)."""
+        bucket = int(time.monotonic() / self.BUCKET_S)
         with self._lock:
             self.tokens_generated += n
+            if self._recent and self._recent[-1][0] == bucket:
+                self._recent[-1][1] += n
+            else:
+                self._recent.append([bucket, n])
+                self._forget(bucket)
+
+    def _forget(self, bucket: int) -> None:
+        """Drop the buckets older than the window (the lock is held)."""
+        oldest = bucket - int(LOAD_WINDOW_S / self.BUCKET_S)
+        while self._recent and self._recent[0][0] < oldest:
+            self._recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        """Tokens generated over the last LOAD_WINDOW_S seconds (or since the start, if sooner), per second."""
+        now = time.monotonic()
+        with self._lock:
+            self._forget(int(now / self.BUCKET_S))
+            recent = sum(count for _, count in self._recent)
+        return recent / max(min(LOAD_WINDOW_S, now - self.started), self.BUCKET_S)
 
     def add_active(self, n: int) -> None:
         """Count `n` more (or, negative, fewer) requests generating now."""
@@ -123,16 +261,48 @@ class ServerState:
     model_config: dict
     max_tokens_cap: int
     max_logprobs: int
-    step_lock: threading.Lock = field(default_factory=threading.Lock)  # held around every forward pass
+    step_lock: threading.Lock = field(default_factory=threading.Lock)  # the bigram's forward passes take turns
     stats: _Stats = field(default_factory=_Stats)
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    scheduler: Scheduler | None = None  # continuous batching; None for a model without a cache (the bigram)
 
     @classmethod
     def build(cls, model: torch.nn.Module, tokenizer, model_name: str, config: dict | None,
-              max_tokens_cap: int) -> ServerState:
+              max_tokens_cap: int, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+              batching: BatchingLimits | None = None) -> ServerState:
         """The state for `model`; `config` defaults to the model's own, logprobs are capped by the vocabulary."""
         model_config = config if config is not None else vars(model.config)
         max_logprobs = min(MAX_LOGPROBS, tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else MAX_LOGPROBS)
-        return cls(model, tokenizer, model_name, model_config, max_tokens_cap, max_logprobs)
+        limits = batching or BatchingLimits()
+        scheduler = Scheduler(model, limits.slots, limits.max_waiting, limits.request_timeout) if isinstance(model, GPT) else None
+        return cls(model, tokenizer, model_name, model_config, max_tokens_cap, max_logprobs,
+                   max_prompt_tokens=max_prompt_tokens, scheduler=scheduler)
+
+    @property
+    def max_samples(self) -> int:
+        """The largest n: one slot per sample."""
+        return min(MAX_SAMPLES, self.scheduler.cache.slots) if self.scheduler else MAX_SAMPLES
+
+    def load(self) -> dict[str, Any]:
+        """What /health reports of the load: requests generating now, requests waiting for a slot, and the tokens
+        generated per second over the last few seconds."""
+        if self.scheduler is not None:
+            return self.scheduler.load()
+        return {"running": self.stats.active, "waiting": 0, "tokens_per_second": round(self.stats.tokens_per_second(), 1)}
+
+    def close(self) -> None:
+        """Stop the scheduler's thread; called once at shutdown, after uvicorn has drained the running requests."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+
+@dataclass
+class BatchingLimits:
+    """How many requests run at once (slots), how many may wait for one, and how long one may run."""
+
+    slots: int = DEFAULT_SLOTS
+    max_waiting: int = DEFAULT_MAX_WAITING
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
 
 
 def server_state(request: Request) -> ServerState:
@@ -165,8 +335,8 @@ def _check_limits(body: CompletionRequest, state: ServerState) -> list[str]:
         raise BadRequest("echo is not supported; the prompt is not repeated in the answer", "echo")
     if body.max_tokens > state.max_tokens_cap:
         raise BadRequest(f"max_tokens must be <= {state.max_tokens_cap} (this server's --max-tokens-cap), got {body.max_tokens}", "max_tokens")
-    if not 1 <= body.n <= MAX_SAMPLES:
-        raise BadRequest(f"n must be between 1 and {MAX_SAMPLES}, got {body.n}", "n")
+    if not 1 <= body.n <= state.max_samples:
+        raise BadRequest(f"n must be between 1 and {state.max_samples}, got {body.n}", "n")
     if body.logprobs is not None and not 0 <= body.logprobs <= state.max_logprobs:
         raise BadRequest(f"logprobs must be between 0 and {state.max_logprobs}, got {body.logprobs}", "logprobs")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -187,11 +357,14 @@ def settings_for(body: CompletionRequest, state: ServerState) -> tuple[str, Samp
     )
     try:  # the engine's own checks, and the tokenizer's, before any decoding starts
         settings.validate(REQUEST_NAMES)
-        state.tokenizer.encode(prompt)
+        prompt_tokens = len(state.tokenizer.encode(prompt))
     except SamplingError as exc:
         raise BadRequest(str(exc), exc.param) from None
     except TokenizerError as exc:
         raise BadRequest(f"prompt: {exc}", "prompt") from None
+    if prompt_tokens > state.max_prompt_tokens:
+        raise BadRequest(f"prompt is {prompt_tokens} tokens; this server takes at most {state.max_prompt_tokens} "
+                         "(--max-prompt-tokens)", "prompt")
     return prompt, settings
 
 
@@ -220,12 +393,13 @@ class _Generation:
 
     @classmethod
     def start(cls, state: ServerState, prompt: str, settings: SamplingSettings) -> _Generation:
-        """Set up the (lazy) decoding of `prompt`; nothing runs until `steps` is iterated."""
+        """Submit the decoding of `prompt` (ServerBusy if the server is full); its steps come as `steps` is iterated."""
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": state.model_name}
         cancel = threading.Event()
+        decoder = state.scheduler.decode if state.scheduler is not None else None
         steps = stream_completion(state.model, state.tokenizer, prompt, settings, cancel=cancel,
-                                  step_lock=state.step_lock, on_token=state.stats.add_tokens)
+                                  step_lock=state.step_lock, on_token=state.stats.add_tokens, decoder=decoder)
         return cls(prompt, settings, steps, cancel, header, len(state.tokenizer.encode(prompt)))
 
     def choice(self, chunk: CompletionChunk) -> dict[str, Any]:
@@ -308,7 +482,7 @@ async def playground() -> HTMLResponse:
 
 @router.get("/health")
 async def health(state: State) -> dict[str, Any]:
-    """GET /health: the model's name, config and size, the cap, and what the server is doing."""
+    """GET /health: the model's name, config and size, the cap, and what the server is doing (ServerState.load)."""
     return {
         "status": "ok",
         "model": state.model_name,
@@ -318,6 +492,7 @@ async def health(state: State) -> dict[str, Any]:
         "max_tokens_cap": state.max_tokens_cap,
         "active_requests": state.stats.active,
         "tokens_generated": state.stats.tokens_generated,
+        **state.load(),
     }
 
 
@@ -331,7 +506,7 @@ async def models(state: State) -> dict[str, Any]:
 async def completions(body: CompletionRequest, request: Request, state: State) -> dict[str, Any] | Response:
     """POST /v1/completions: check the request, then stream the completion as events or answer it whole."""
     prompt, settings = settings_for(body, state)
-    job = _Generation.start(state, prompt, settings)
+    job = _Generation.start(state, prompt, settings)  # a full server raises ServerBusy here, before any response: 429
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_events(job, state.stats, include_usage), media_type="text/event-stream",
@@ -342,21 +517,62 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     return _whole_answer(job, steps)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The app's life: at shutdown, once uvicorn has let the running requests finish, ServerState.close."""
+    yield
+    await run_in_threadpool(app.state.server.close)
+
+
 def create_app(model: torch.nn.Module, tokenizer, model_name: str = "scratchgpt", config: dict | None = None,
-               max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP) -> FastAPI:
-    """The FastAPI application serving `model`; `config` is shown by /health (default: the model config)."""
-    app = FastAPI(title="scratchgpt", description="OpenAI-compatible completions from a scratchgpt checkpoint.")
-    app.state.server = ServerState.build(model, tokenizer, model_name, config, max_tokens_cap)
+               max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, *, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+               batching: BatchingLimits | None = None) -> FastAPI:
+    """The FastAPI application serving `model`; `config` is shown by /health (default: the model config).
+
+    With `api_key`, every /v1/* request must carry `Authorization: Bearer <api_key>`; a request body over
+    `max_body_bytes` is refused with a 413, a prompt over `max_prompt_tokens` tokens with a 400; beyond the
+    `batching` limits' slots and waiting line, a 429.
+    """
+    app = FastAPI(title="scratchgpt", description="OpenAI-compatible completions from a scratchgpt checkpoint.",
+                  lifespan=_lifespan)
+    app.state.server = ServerState.build(model, tokenizer, model_name, config, max_tokens_cap, max_prompt_tokens, batching)
     app.state.stats = app.state.server.stats  # kept under its old name too
     app.add_exception_handler(BadRequest, _bad_request)
     app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_exception_handler(ServerBusy, _server_busy)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.include_router(router)
     return app
 
 
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` reaches this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The one-line warning for a server that others can reach and anyone may use, else None."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"scratchgpt serve: warning: listening on {host} without an API key: anyone who can reach this machine "
+            f"can use the model; set {API_KEY_ENV} (or --api-key) to require one")
+
+
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
-          device: str = "auto") -> None:
-    """Load a checkpoint and serve it with uvicorn until interrupted."""
+          device: str = "auto", *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, drain_seconds: float = DEFAULT_DRAIN_SECONDS,
+          batching: BatchingLimits | None = None) -> None:
+    """Load a checkpoint and serve it with uvicorn until interrupted.
+
+    On SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets the running requests finish for up to
+    `drain_seconds` (then cuts them), calls ServerState.close, and this function returns.
+    """
     import uvicorn
 
     from .checkpoint import load_checkpoint, resolve_checkpoint
@@ -366,6 +582,25 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     model, tokenizer, config, _ = load_checkpoint(directory, resolve_device(device))
     name = directory.name if directory.name not in ("best", "last") and not directory.name.startswith("step-") \
         else f"{directory.parent.name}/{directory.name}"
-    app = create_app(model, tokenizer, name, config.to_dict()["model"], max_tokens_cap)
+    app = create_app(model, tokenizer, name, config.to_dict()["model"], max_tokens_cap, api_key=api_key,
+                     max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, batching=batching)
+    warning = exposure_warning(host, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"serving {name} on http://{host}:{port}/ (playground), OpenAI-compatible API at http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=drain_seconds))
+    # uvicorn catches SIGTERM while it runs, drains, then raises the signal again once it has put back the handler
+    # it found: this one, so that a drained server exits with status 0 instead of dying of the signal.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: setattr(server, "should_exit", True)) \
+        if on_main_thread else None
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has drained too, then raised SIGINT again
+        pass
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if not server.started:
+        raise ScratchGPTError(f"could not serve on {host}:{port} (uvicorn's message above says why)")

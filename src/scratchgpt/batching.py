@@ -1,0 +1,278 @@
+"""Continuous batching for the server: one forward pass advances every running sequence.
+
+On a CPU a decoding step is bound by reading the weights, so sixteen sequences in one pass
+cost little more than one. A `Scheduler` thread owns the model and a `SlotCache` of a fixed
+number of slots. Between steps it retires finished, cancelled and timed-out requests at once,
+and admits waiting ones: each is prefilled alone (its prompt window, batch of its `n`
+samples) into free slots, and its first token is drawn from that prefill. Every step then runs
+the model once at the fixed shape (slots, 1), idle slots padded, and each request draws its
+next tokens from its own rows with its own generator, penalties and filters, exactly as
+`engine.decode` does. When a sequence outgrows block_size its window jumps as in
+`engine.decode`: its last `keep` tokens are prefilled again.
+
+Because the step's shape never changes and rows do not mix, a request's arithmetic is the same
+whether it runs alone or beside fifteen others: the same seed gives the same text
+(tests/test_batching.py checks it token for token).
+
+Requests beyond the free slots wait, up to `max_waiting`; beyond that `decode` raises
+`ServerBusy` (the server answers 429).
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .device import tick
+from .engine import SamplingError, Step, default_keep, window_start
+from .errors import ScratchGPTError
+from .filters import repetition_penalty_filter, sample_next
+from .kv_cache import KVCache, SlotCache
+
+DEFAULT_SLOTS = 16
+DEFAULT_MAX_WAITING = 32
+DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds a request may run before it is ended
+
+
+class ServerBusy(ScratchGPTError):
+    """Every slot is taken and the waiting line is full: the caller should retry later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+_END = object()  # put on a request's queue when it has no more steps
+
+
+@dataclass(eq=False)  # compared by identity
+class _Request:
+    """One submitted completion: its tokens so far, its sampling settings, where its steps go."""
+
+    tokens: torch.Tensor  # (n, T): prompt and generated tokens of each sample
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    repetition_penalty: float
+    generator: torch.Generator | None
+    keep: int
+    cancel: threading.Event
+    deadline: float
+    n: int = 1
+    start: int = 0  # where the context window starts in `tokens`
+    slots: list[int] = field(default_factory=list)
+    generated: int = 0
+    out: queue.Queue = field(default_factory=queue.Queue)
+    abandoned: threading.Event = field(default_factory=threading.Event)  # its reader stopped before the end
+
+    def emit(self, logits: torch.Tensor) -> None:
+        """Draw each sample's next token from its logits (n, V), as engine.decode does, and hand the step out."""
+        scores = repetition_penalty_filter(logits, self.tokens, self.repetition_penalty)
+        next_ids = sample_next(scores, self.temperature, self.top_k, self.top_p, self.generator)  # (n,)
+        self.tokens = torch.cat([self.tokens, next_ids[:, None]], dim=1)
+        self.generated += 1
+        self.out.put(Step(next_ids, logits))
+
+    @property
+    def done(self) -> bool:
+        return (self.generated >= self.max_new_tokens or self.cancel.is_set() or self.abandoned.is_set()
+                or time.monotonic() > self.deadline)
+
+
+class Scheduler:
+    """Runs every submitted completion of one model in shared forward passes, on its own thread."""
+
+    def __init__(self, model: torch.nn.Module, slots: int = DEFAULT_SLOTS, max_waiting: int = DEFAULT_MAX_WAITING,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
+        self.model = model.eval()
+        self.cache = SlotCache.for_model(model, slots)
+        self.max_waiting = max_waiting
+        self.request_timeout = request_timeout
+        self.free = list(range(slots))
+        self.running: list[_Request] = []
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._rate = _Rate()
+        self._thread = threading.Thread(target=self._loop, name="scratchgpt-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- what callers use ---------------------------------------------------------------------
+
+    def decode(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
+               num_samples: int = 1, keep: int | None = None, cancel: threading.Event | None = None,
+               **_ignored) -> Iterator[Step]:
+        """Like engine.decode, for one prompt (1, T): queue it now (ServerBusy if the line is full), yield its steps."""
+        if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) == 0:
+            raise SamplingError("a batched request is one prompt of at least one token")
+        if num_samples > self.cache.slots:
+            raise SamplingError(f"n must be <= {self.cache.slots} (this server's slots), got {num_samples}", "n")
+        block_size = self.model.config.block_size
+        request = _Request(idx.to(self.cache.keys.device), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                           generator, keep or default_keep(block_size), cancel or threading.Event(),
+                           time.monotonic() + self.request_timeout, n=num_samples,
+                           start=max(0, idx.size(1) - block_size))
+        with self._wake:
+            if self._closed:
+                raise ServerBusy("the server is shutting down", retry_after=5.0)
+            slot_free = not self.waiting and len(self.free) >= num_samples  # it will run at the next step
+            if not slot_free and len(self.waiting) >= self.max_waiting:
+                raise ServerBusy(f"all {self.cache.slots} slots are busy and {len(self.waiting)} requests wait; "
+                                 "try again shortly", retry_after=self._retry_after())
+            self.waiting.append(request)
+            self._wake.notify()
+        return self._steps(request)
+
+    def load(self) -> dict[str, float]:
+        """What /health shows: requests running and waiting, and the recent tokens per second."""
+        with self._wake:
+            return {"running": len(self.running), "waiting": len(self.waiting),
+                    "tokens_per_second": round(self._rate.per_second(), 1), "slots": self.cache.slots}
+
+    def close(self) -> None:
+        """Stop the thread: running and waiting requests end where they are."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _steps(request: _Request) -> Iterator[Step]:
+        ended = False
+        try:
+            while (item := request.out.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            ended = True
+        finally:
+            if not ended:
+                request.abandoned.set()  # a reader that stops early frees its slots at the next step
+
+    def _retry_after(self) -> float:
+        """A guess at when a slot frees up: a second or two at this server's pace."""
+        return 1.0 if self._rate.per_second() > 0 else 2.0
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closed and not self.running and not self.waiting:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                tick()  # the CPU thread count follows the machine's load (device.py)
+                try:
+                    self._step()
+                except Exception as exc:  # a bug must not leave readers waiting forever
+                    for request in self.running:
+                        request.out.put(exc)
+                    self._retire(list(self.running))
+        self._retire(list(self.running) + list(self.waiting))
+
+    def _step(self) -> None:
+        """Retire, admit, then one forward pass for every running sequence whose window holds."""
+        self._retire([r for r in self.running if r.done])
+        admitted = self._admit()
+        batch = []
+        for request in self.running:
+            if request in admitted or request.done:
+                continue
+            if self._window_jumps(request):
+                request.emit(self._prefill(request))
+                self._rate.add(request.n)
+            else:
+                batch.append(request)
+        if batch:
+            self._batched_step(batch)
+
+    def _retire(self, requests: list[_Request]) -> None:
+        for request in requests:
+            if request in self.running:
+                self.running.remove(request)
+            self.free.extend(request.slots)
+            request.slots = []
+            request.out.put(_END)
+
+    def _admit(self) -> list[_Request]:
+        """Prefill waiting requests into free slots, oldest first, and draw their first tokens."""
+        admitted = []
+        while True:
+            with self._wake:
+                if not self.waiting or len(self.free) < self.waiting[0].n:
+                    break
+                request = self.waiting.popleft()
+            if request.cancel.is_set() or request.abandoned.is_set():
+                request.out.put(_END)
+                continue
+            request.slots = [self.free.pop(0) for _ in range(request.n)]
+            self.running.append(request)
+            request.emit(self._prefill(request))
+            self._rate.add(request.n)
+            admitted.append(request)
+        return admitted
+
+    def _window_jumps(self, request: _Request) -> bool:
+        """Whether the request's next token no longer fits in its window (engine.window_start's rule)."""
+        length = request.tokens.size(1)
+        new_start = window_start(length, request.start, self.model.config.block_size, request.keep)
+        jumped = new_start != request.start
+        request.start = new_start
+        return jumped
+
+    def _prefill(self, request: _Request) -> torch.Tensor:
+        """Run the request's window alone, put its keys and values in its slots; its last logits, (n, V)."""
+        window = request.tokens[:1, request.start:] if request.generated == 0 else request.tokens[:, request.start:]
+        cache = KVCache.for_model(self.model, window.size(0))
+        logits = self.model(window, cache=cache)[0][:, -1]  # (rows, T') -> (rows, V)
+        for i, slot in enumerate(request.slots):
+            self.cache.load(slot, cache, row=min(i, window.size(0) - 1))  # a new prompt: one row for all samples
+        if request.generated == 0 and request.n > 1:  # one prefill, n continuations (as engine.decode)
+            request.tokens = request.tokens.expand(request.n, -1)
+            logits = logits.expand(request.n, -1)
+        return logits
+
+    def _batched_step(self, batch: list[_Request]) -> None:
+        """One forward pass at shape (slots, 1): each running sample's newest token, idle slots padded."""
+        slots = self.cache.slots
+        stepping = torch.zeros(slots, dtype=torch.bool, device=self.cache.lengths.device)
+        last = torch.zeros(slots, 1, dtype=torch.long, device=self.cache.lengths.device)
+        for request in batch:
+            stepping[request.slots] = True
+            last[request.slots, 0] = request.tokens[:, -1]
+        self.cache.prepare_step(stepping)
+        logits = self.model(last, cache=self.cache)[0][:, -1]  # (slots, 1) -> (slots, V)
+        for request in batch:
+            request.emit(logits[request.slots])
+            self._rate.add(request.n)
+
+
+class _Rate:
+    """Tokens per second over the last few seconds, for /health."""
+
+    WINDOW_S = 5.0
+
+    def __init__(self) -> None:
+        self._events: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._events.append((time.monotonic(), n))
+
+    def per_second(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._events and now - self._events[0][0] > self.WINDOW_S:
+                self._events.popleft()
+            return sum(n for _, n in self._events) / self.WINDOW_S
