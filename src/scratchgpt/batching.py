@@ -24,7 +24,6 @@ import collections
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -68,17 +67,31 @@ class _Request:
     n: int = 1
     start: int = 0  # where the context window starts in `tokens`
     slots: list[int] = field(default_factory=list)
+    rows: torch.Tensor | None = None  # the slots as an index tensor
     generated: int = 0
     out: queue.Queue = field(default_factory=queue.Queue)
     abandoned: threading.Event = field(default_factory=threading.Event)  # its reader stopped before the end
 
-    def emit(self, logits: torch.Tensor) -> None:
-        """Draw each sample's next token from its logits (n, V), as engine.decode does, and hand the step out."""
-        scores = repetition_penalty_filter(logits, self.tokens, self.repetition_penalty)
-        next_ids = sample_next(scores, self.temperature, self.top_k, self.top_p, self.generator)  # (n,)
+    def emit(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> None:
+        """Draw each sample's next token from its logits (n, V), as engine.decode does, and hand the step out.
+
+        `probs`, for a plain request (see `plain`), are softmax(logits / temperature), computed
+        for the whole batch at once.
+        """
+        if probs is not None:
+            next_ids = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(-1)  # (n,)
+        else:
+            scores = repetition_penalty_filter(logits, self.tokens, self.repetition_penalty)
+            next_ids = sample_next(scores, self.temperature, self.top_k, self.top_p, self.generator)  # (n,)
         self.tokens = torch.cat([self.tokens, next_ids[:, None]], dim=1)
         self.generated += 1
         self.out.put(Step(next_ids, logits))
+
+    @property
+    def plain(self) -> bool:
+        """Sampling at a temperature and nothing else: no penalty, top-k or top-p to apply row by row."""
+        return (self.temperature > 0 and self.repetition_penalty == 1.0 and self.top_k is None
+                and (self.top_p is None or self.top_p >= 1.0))
 
     @property
     def done(self) -> bool:
@@ -109,7 +122,7 @@ class Scheduler:
     def decode(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
                num_samples: int = 1, keep: int | None = None, cancel: threading.Event | None = None,
-               **_ignored) -> Iterator[Step]:
+               **_ignored) -> StepReader:
         """Like engine.decode, for one prompt (1, T): queue it now (ServerBusy if the line is full), yield its steps."""
         if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) == 0:
             raise SamplingError("a batched request is one prompt of at least one token")
@@ -129,7 +142,7 @@ class Scheduler:
                                  "try again shortly", retry_after=self._retry_after())
             self.waiting.append(request)
             self._wake.notify()
-        return self._steps(request)
+        return StepReader(request)
 
     def load(self) -> dict[str, float]:
         """What /health shows: requests running and waiting, and the recent tokens per second."""
@@ -145,19 +158,6 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     # --- the loop -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _steps(request: _Request) -> Iterator[Step]:
-        ended = False
-        try:
-            while (item := request.out.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-            ended = True
-        finally:
-            if not ended:
-                request.abandoned.set()  # a reader that stops early frees its slots at the next step
 
     def _retry_after(self) -> float:
         """A guess at when a slot frees up: a second or two at this server's pace."""
@@ -216,6 +216,7 @@ class Scheduler:
                 request.out.put(_END)
                 continue
             request.slots = [self.free.pop(0) for _ in range(request.n)]
+            request.rows = torch.tensor(request.slots, device=self.cache.lengths.device)
             self.running.append(request)
             request.emit(self._prefill(request))
             self._rate.add(request.n)
@@ -247,14 +248,56 @@ class Scheduler:
         slots = self.cache.slots
         stepping = torch.zeros(slots, dtype=torch.bool, device=self.cache.lengths.device)
         last = torch.zeros(slots, 1, dtype=torch.long, device=self.cache.lengths.device)
+        temperature = torch.ones(slots, 1, device=stepping.device)
         for request in batch:
-            stepping[request.slots] = True
-            last[request.slots, 0] = request.tokens[:, -1]
+            stepping[request.rows] = True
+            last[request.rows, 0] = request.tokens[:, -1]
+            if request.plain:
+                temperature[request.rows] = request.temperature
         self.cache.prepare_step(stepping)
         logits = self.model(last, cache=self.cache)[0][:, -1]  # (slots, 1) -> (slots, V)
+        # The plain requests' probabilities in one softmax over every row: still one fixed shape.
+        probs = torch.softmax(logits.float() / temperature, dim=-1)  # (slots, V)
         for request in batch:
-            request.emit(logits[request.slots])
+            rows = logits.index_select(0, request.rows)  # (n, V)
+            request.emit(rows, probs.index_select(0, request.rows) if request.plain else None)
             self._rate.add(request.n)
+
+
+class StepReader:
+    """A request's steps as the scheduler hands them out: an iterator that also says how many are ready."""
+
+    def __init__(self, request: _Request):
+        self._request = request
+        self._ended = False
+
+    def __iter__(self) -> StepReader:
+        return self
+
+    def __next__(self) -> Step:
+        if self._ended:
+            raise StopIteration
+        item = self._request.out.get()
+        if item is _END:
+            self._ended = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def ready(self) -> int:
+        """Steps decoded and not yet read: reading that many more will not wait."""
+        return self._request.out.qsize()
+
+    def close(self) -> None:
+        """Stop reading: if the request is still running, its slots free up at the next step."""
+        if not self._ended:
+            self._ended = True
+            self._request.abandoned.set()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class _Rate:

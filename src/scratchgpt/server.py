@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -52,6 +52,7 @@ from .batching import (
     DEFAULT_SLOTS,
     Scheduler,
     ServerBusy,
+    StepReader,
 )
 from .engine import CompletionChunk, SamplingError, SamplingSettings, TokenDetail, stream_completion
 from .errors import ScratchGPTError, TokenizerError
@@ -65,6 +66,7 @@ REQUEST_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}  # engine f
 DISCONNECT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still there
 DEFAULT_MAX_BODY_BYTES = 1_000_000  # --max-body-bytes: a larger request body is a 413
 DEFAULT_MAX_PROMPT_TOKENS = 8192  # --max-prompt-tokens: a longer prompt is a 400
+SWITCH_INTERVAL_S = float(__import__("os").environ.get("SCRATCHGPT_SWITCH_INTERVAL", "0.0005"))
 DEFAULT_DRAIN_SECONDS = 30.0  # --drain-seconds: how long SIGTERM lets running requests finish
 API_KEY_ENV = "SCRATCHGPT_API_KEY"  # where `scratchgpt serve` finds the key when --api-key is not given
 LOAD_WINDOW_S = 5.0  # /health's tokens_per_second is the rate over this many seconds
@@ -390,6 +392,7 @@ class _Generation:
     cancel: threading.Event
     header: dict[str, Any]
     prompt_tokens: int
+    ready: Callable[[], int] = lambda: 0  # steps decoded and not yet read
 
     @classmethod
     def start(cls, state: ServerState, prompt: str, settings: SamplingSettings) -> _Generation:
@@ -397,10 +400,34 @@ class _Generation:
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": state.model_name}
         cancel = threading.Event()
-        decoder = state.scheduler.decode if state.scheduler is not None else None
+        readers: list[StepReader] = []
+
+        def batched(*args, **kwargs) -> StepReader:  # the scheduler's decode, keeping its reader at hand
+            readers.append(state.scheduler.decode(*args, **kwargs))
+            return readers[-1]
+
         steps = stream_completion(state.model, state.tokenizer, prompt, settings, cancel=cancel,
-                                  step_lock=state.step_lock, on_token=state.stats.add_tokens, decoder=decoder)
-        return cls(prompt, settings, steps, cancel, header, len(state.tokenizer.encode(prompt)))
+                                  step_lock=state.step_lock, on_token=state.stats.add_tokens,
+                                  decoder=batched if state.scheduler is not None else None)
+        ready = readers[0].ready if readers else (lambda: 0)
+        return cls(prompt, settings, steps, cancel, header, len(state.tokenizer.encode(prompt)), ready)
+
+    def next_chunks(self) -> list[CompletionChunk] | None:
+        """The chunks of the next step, and of every further step already decoded, one per sample; None at the end.
+
+        A reader that falls behind the scheduler (a busy server) thus sends one event for several
+        tokens, instead of paying a thread hop and an event for each.
+        """
+        chunks = next(self.steps, None)
+        if chunks is None:
+            return None
+        merged = {chunk.index: chunk for chunk in chunks}
+        while self.ready() > 0 and (more := next(self.steps, None)) is not None:
+            for chunk in more:
+                earlier = merged.get(chunk.index)
+                merged[chunk.index] = chunk if earlier is None else CompletionChunk(
+                    chunk.index, earlier.text + chunk.text, earlier.tokens + chunk.tokens, chunk.finish_reason, chunk.generated)
+        return [merged[i] for i in sorted(merged)]
 
     def choice(self, chunk: CompletionChunk) -> dict[str, Any]:
         """One entry of "choices": a sample's text (or new piece of it), logprobs if asked, finish reason."""
@@ -422,7 +449,7 @@ async def _events(job: _Generation, stats: _Stats, include_usage: bool) -> Async
         while True:
             # Each step runs in a worker thread; if the client leaves, Starlette cancels
             # this generator once that step is done, and `finally` stops the decoding.
-            step = await run_in_threadpool(next, job.steps, None)
+            step = await run_in_threadpool(job.next_chunks)
             if step is None:
                 break
             for chunk in step:
@@ -582,6 +609,9 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     model, tokenizer, config, _ = load_checkpoint(directory, resolve_device(device))
     name = directory.name if directory.name not in ("best", "last") and not directory.name.startswith("step-") \
         else f"{directory.parent.name}/{directory.name}"
+    # The scheduler thread runs Python between its kernels; with the interpreter's default 5 ms switch
+    # interval, a request's thread could wait that long for the lock to hand on each token.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(model, tokenizer, name, config.to_dict()["model"], max_tokens_cap, api_key=api_key,
                      max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, batching=batching)
     warning = exposure_warning(host, api_key)
