@@ -71,6 +71,13 @@ class _Request:
     generated: int = 0
     out: queue.Queue = field(default_factory=queue.Queue)
     abandoned: threading.Event = field(default_factory=threading.Event)  # its reader stopped before the end
+    listeners: list = field(default_factory=list)  # called (from the scheduler's thread) after each item sent
+
+    def send(self, item) -> None:
+        """Hand a step (or the end, or an error) to the reader."""
+        self.out.put(item)
+        for listener in self.listeners:
+            listener()
 
     def emit(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> None:
         """Draw each sample's next token from its logits (n, V), as engine.decode does, and hand the step out.
@@ -85,7 +92,7 @@ class _Request:
             next_ids = sample_next(scores, self.temperature, self.top_k, self.top_p, self.generator)  # (n,)
         self.tokens = torch.cat([self.tokens, next_ids[:, None]], dim=1)
         self.generated += 1
-        self.out.put(Step(next_ids, logits))
+        self.send(Step(next_ids, logits))
 
     @property
     def plain(self) -> bool:
@@ -176,7 +183,7 @@ class Scheduler:
                     self._step()
                 except Exception as exc:  # a bug must not leave readers waiting forever
                     for request in self.running:
-                        request.out.put(exc)
+                        request.send(exc)
                     self._retire(list(self.running))
         self._retire(list(self.running) + list(self.waiting))
 
@@ -202,7 +209,7 @@ class Scheduler:
                 self.running.remove(request)
             self.free.extend(request.slots)
             request.slots = []
-            request.out.put(_END)
+            request.send(_END)
 
     def _admit(self) -> list[_Request]:
         """Prefill waiting requests into free slots, oldest first, and draw their first tokens."""
@@ -213,7 +220,7 @@ class Scheduler:
                     break
                 request = self.waiting.popleft()
             if request.cancel.is_set() or request.abandoned.is_set():
-                request.out.put(_END)
+                request.send(_END)
                 continue
             request.slots = [self.free.pop(0) for _ in range(request.n)]
             request.rows = torch.tensor(request.slots, device=self.cache.lengths.device)
@@ -289,6 +296,10 @@ class StepReader:
     def ready(self) -> int:
         """Steps decoded and not yet read: reading that many more will not wait."""
         return self._request.out.qsize()
+
+    def on_step(self, callback) -> None:
+        """Call `callback()` (from the scheduler's thread) whenever a step, the end or an error arrives."""
+        self._request.listeners.append(callback)
 
     def close(self) -> None:
         """Stop reading: if the request is still running, its slots free up at the next step."""

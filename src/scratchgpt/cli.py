@@ -645,7 +645,11 @@ def _main(argv: list[str] | None) -> int:
         if getattr(args, "threads", 0) < 0:
             raise ScratchGPTError(f"--threads must be >= 0 (0 follows the machine's load), got {args.threads}")
         # `train` and `bench` choose their threads from their config; the others here.
-        governor = governed(args.threads, say=_note) if args.command in ("sample", "eval", "serve") else nullcontext()
+        import torch  # loaded already, by device.py
+
+        # A server's event loop and request threads need a core of their own beside PyTorch's threads.
+        most = max(1, torch.get_num_threads() - 1) if args.command == "serve" else None
+        governor = governed(args.threads, say=_note, most=most) if args.command in ("sample", "eval", "serve") else nullcontext()
         with governor:
             return handler(args)
     except ScratchGPTError as exc:

@@ -258,8 +258,9 @@ def adaptive(requested: int) -> bool:
 
 
 @contextmanager
-def governed(requested: int = 0, say: Callable[[str], None] | None = None) -> Iterator[ThreadGovernor | None]:
-    """Run the block with `requested` CPU threads, or, for 0, with a governor that follows the load.
+def governed(requested: int = 0, say: Callable[[str], None] | None = None,
+             most: int | None = None) -> Iterator[ThreadGovernor | None]:
+    """Run the block with `requested` CPU threads, or, for 0, with a governor that follows the load (up to `most`).
 
     PyTorch's thread count is restored afterwards, so a library caller's setting survives.
     """
@@ -269,7 +270,9 @@ def governed(requested: int = 0, say: Callable[[str], None] | None = None) -> It
     try:
         if requested:
             torch.set_num_threads(requested)
-        _active = ThreadGovernor(say) if adaptive(requested) else None
+        if adaptive(requested) and most:
+            torch.set_num_threads(min(most, torch.get_num_threads()))
+        _active = ThreadGovernor(say, most) if adaptive(requested) else None
         yield _active
     finally:
         _active = previous

@@ -326,33 +326,57 @@ def stream_completion(
     return _completion_chunks(tokenizer, settings, steps, cancel, on_token)
 
 
+class CompletionText:
+    """The samples' text as decoding steps arrive: each step's new final text, cut at stop strings."""
+
+    def __init__(self, tokenizer, settings: SamplingSettings):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.streams = [TextStream(tokenizer, settings.stop) for _ in range(settings.num_samples)]
+        self.details: list[list[TokenDetail]] = [[] for _ in self.streams]
+
+    @property
+    def done(self) -> bool:
+        """Every sample has ended at a stop string."""
+        return all(s.finish_reason is not None for s in self.streams)
+
+    def feed(self, step: Step) -> list[CompletionChunk]:
+        """The chunks of new text (and token details) this step makes final, one per sample that has some."""
+        chunks = []
+        for i, stream in enumerate(self.streams):
+            if stream.finish_reason is not None:  # ended at a stop string; its batch row runs on unused
+                continue
+            if self.settings.logprobs is not None:
+                self.details[i].append(_token_details(self.tokenizer, step, i, len(stream.text), self.settings.logprobs))
+            chunk = stream.add(int(step.ids[i]))
+            if chunk.text or chunk.tokens or stream.finish_reason:
+                chunks.append(_completion_chunk(i, chunk, self.details[i], stream))
+        return chunks
+
+    def finish(self) -> list[CompletionChunk]:
+        """The last chunk of each sample that has not ended at a stop string: the token budget ran out."""
+        return [_completion_chunk(i, s.finish(), self.details[i], s) for i, s in enumerate(self.streams)
+                if s.finish_reason is None]
+
+
 def _completion_chunks(tokenizer, settings: SamplingSettings, steps: Iterator[Step], cancel: threading.Event | None,
                        on_token) -> Iterator[list[CompletionChunk]]:
     """The text of each decoding step, per sample, cut at stop strings; then each sample's last chunk."""
-    streams = [TextStream(tokenizer, settings.stop) for _ in range(settings.num_samples)]
-    details: list[list[TokenDetail]] = [[] for _ in streams]
+    text = CompletionText(tokenizer, settings)
     try:
         for step in steps:
-            chunks = []
-            for i, stream in enumerate(streams):
-                if stream.finish_reason is not None:  # ended at a stop string; its batch row runs on unused
-                    continue
-                if settings.logprobs is not None:
-                    details[i].append(_token_details(tokenizer, step, i, len(stream.text), settings.logprobs))
-                chunk = stream.add(int(step.ids[i]))
-                if chunk.text or chunk.tokens or stream.finish_reason:
-                    chunks.append(_completion_chunk(i, chunk, details[i], stream))
+            chunks = text.feed(step)
             if on_token is not None:
-                on_token(len(streams))
+                on_token(settings.num_samples)
             if chunks:
                 yield chunks
-            if all(s.finish_reason is not None for s in streams):
+            if text.done:
                 return
     finally:
         steps.close()
     if cancel is not None and cancel.is_set():
         return
-    yield [_completion_chunk(i, s.finish(), details[i], s) for i, s in enumerate(streams) if s.finish_reason is None]
+    yield text.finish()
 
 
 def _completion_chunk(index: int, chunk: TextChunk, details: list[TokenDetail], stream: TextStream) -> CompletionChunk:

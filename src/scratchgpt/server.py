@@ -54,7 +54,14 @@ from .batching import (
     ServerBusy,
     StepReader,
 )
-from .engine import CompletionChunk, SamplingError, SamplingSettings, TokenDetail, stream_completion
+from .engine import (
+    CompletionChunk,
+    CompletionText,
+    SamplingError,
+    SamplingSettings,
+    TokenDetail,
+    stream_completion,
+)
 from .errors import ScratchGPTError, TokenizerError
 from .model import GPT, count_parameters
 
@@ -392,7 +399,13 @@ class _Generation:
     cancel: threading.Event
     header: dict[str, Any]
     prompt_tokens: int
-    ready: Callable[[], int] = lambda: 0  # steps decoded and not yet read
+    reader: StepReader | None = None  # the scheduler's steps, read straight from the event loop when streaming
+    tokenizer: Any = None
+    on_token: Callable[[int], None] | None = None
+
+    def ready(self) -> int:
+        """Steps decoded and not yet read."""
+        return self.reader.ready() if self.reader is not None else 0
 
     @classmethod
     def start(cls, state: ServerState, prompt: str, settings: SamplingSettings) -> _Generation:
@@ -409,8 +422,8 @@ class _Generation:
         steps = stream_completion(state.model, state.tokenizer, prompt, settings, cancel=cancel,
                                   step_lock=state.step_lock, on_token=state.stats.add_tokens,
                                   decoder=batched if state.scheduler is not None else None)
-        ready = readers[0].ready if readers else (lambda: 0)
-        return cls(prompt, settings, steps, cancel, header, len(state.tokenizer.encode(prompt)), ready)
+        return cls(prompt, settings, steps, cancel, header, len(state.tokenizer.encode(prompt)),
+                   readers[0] if readers else None, state.tokenizer, state.stats.add_tokens)
 
     def next_chunks(self) -> list[CompletionChunk] | None:
         """The chunks of the next step, and of every further step already decoded, one per sample; None at the end.
@@ -421,13 +434,39 @@ class _Generation:
         chunks = next(self.steps, None)
         if chunks is None:
             return None
-        merged = {chunk.index: chunk for chunk in chunks}
         while self.ready() > 0 and (more := next(self.steps, None)) is not None:
-            for chunk in more:
-                earlier = merged.get(chunk.index)
-                merged[chunk.index] = chunk if earlier is None else CompletionChunk(
-                    chunk.index, earlier.text + chunk.text, earlier.tokens + chunk.tokens, chunk.finish_reason, chunk.generated)
-        return [merged[i] for i in sorted(merged)]
+            chunks = chunks + more
+        return _merged(chunks)
+
+    async def stream(self) -> AsyncIterator[list[CompletionChunk]]:
+        """The chunks as they come, read on the event loop: the scheduler's thread wakes it for each step,
+        and it never waits on a step that has not arrived (the bigram's decoding runs in worker threads)."""
+        if self.reader is None:
+            while (chunks := await run_in_threadpool(self.next_chunks)) is not None:
+                yield chunks
+            return
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        self.reader.on_step(lambda: loop.call_soon_threadsafe(wake.set))
+        text = CompletionText(self.tokenizer, self.settings)
+        ended = False
+        while not ended:
+            wake.clear()
+            if self.reader.ready() == 0:
+                await wake.wait()
+                continue
+            chunks: list[CompletionChunk] = []
+            while not ended and self.reader.ready() > 0:  # every step decoded so far, without waiting
+                step = next(self.reader, None)
+                if step is None:  # the end: the token budget ran out (or the request was ended)
+                    ended = True
+                    chunks += [] if self.cancel.is_set() else text.finish()
+                    break
+                chunks += text.feed(step)
+                self.on_token(self.settings.num_samples)
+                ended = text.done  # every sample stopped at a stop string
+            if chunks:
+                yield _merged(chunks)
+        self.reader.close()
 
     def choice(self, chunk: CompletionChunk) -> dict[str, Any]:
         """One entry of "choices": a sample's text (or new piece of it), logprobs if asked, finish reason."""
@@ -441,17 +480,23 @@ class _Generation:
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
 
+def _merged(chunks: list[CompletionChunk]) -> list[CompletionChunk]:
+    """Chunks of several steps joined into one per sample, in sample order."""
+    merged: dict[int, CompletionChunk] = {}
+    for chunk in chunks:
+        earlier = merged.get(chunk.index)
+        merged[chunk.index] = chunk if earlier is None else CompletionChunk(
+            chunk.index, earlier.text + chunk.text, earlier.tokens + chunk.tokens, chunk.finish_reason, chunk.generated)
+    return [merged[i] for i in sorted(merged)]
+
+
 async def _events(job: _Generation, stats: _Stats, include_usage: bool) -> AsyncIterator[str]:
     """The server-sent events of a streamed completion: one per chunk, usage if asked, then [DONE]."""
     generated: dict[int, int] = {}
     stats.add_active(1)
     try:
-        while True:
-            # Each step runs in a worker thread; if the client leaves, Starlette cancels
-            # this generator once that step is done, and `finally` stops the decoding.
-            step = await run_in_threadpool(job.next_chunks)
-            if step is None:
-                break
+        # If the client leaves, Starlette cancels this generator, and `finally` stops the decoding.
+        async for step in job.stream():
             for chunk in step:
                 generated[chunk.index] = chunk.generated
                 payload = {**job.header, "choices": [job.choice(chunk)]}
@@ -461,6 +506,8 @@ async def _events(job: _Generation, stats: _Stats, include_usage: bool) -> Async
         yield "data: [DONE]\n\n"
     finally:
         job.cancel.set()
+        if job.reader is not None:
+            job.reader.close()
         stats.add_active(-1)
 
 
