@@ -37,6 +37,7 @@ from .kv_cache import KVCache, SlotCache
 DEFAULT_SLOTS = 16
 DEFAULT_MAX_WAITING = 32
 DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds a request may run before it is ended
+RETRY_AFTER_S = 1.0  # what a 429 asks a client to wait: a slot frees within a second at these sizes
 
 
 class ServerBusy(ScratchGPTError):
@@ -120,7 +121,6 @@ class Scheduler:
         self.waiting: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
-        self._rate = _Rate()
         self._thread = threading.Thread(target=self._loop, name="scratchgpt-scheduler", daemon=True)
         self._thread.start()
 
@@ -146,16 +146,15 @@ class Scheduler:
             slot_free = not self.waiting and len(self.free) >= num_samples  # it will run at the next step
             if not slot_free and len(self.waiting) >= self.max_waiting:
                 raise ServerBusy(f"all {self.cache.slots} slots are busy and {len(self.waiting)} requests wait; "
-                                 "try again shortly", retry_after=self._retry_after())
+                                 "try again shortly", retry_after=RETRY_AFTER_S)
             self.waiting.append(request)
             self._wake.notify()
         return StepReader(request)
 
-    def load(self) -> dict[str, float]:
-        """What /health shows: requests running and waiting, and the recent tokens per second."""
+    def load(self) -> dict[str, int]:
+        """What /health shows of the scheduler: requests running and waiting, and the slots."""
         with self._wake:
-            return {"running": len(self.running), "waiting": len(self.waiting),
-                    "tokens_per_second": round(self._rate.per_second(), 1), "slots": self.cache.slots}
+            return {"running": len(self.running), "waiting": len(self.waiting), "slots": self.cache.slots}
 
     def close(self) -> None:
         """Stop the thread: running and waiting requests end where they are."""
@@ -165,10 +164,6 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     # --- the loop -----------------------------------------------------------------------------
-
-    def _retry_after(self) -> float:
-        """A guess at when a slot frees up: a second or two at this server's pace."""
-        return 1.0 if self._rate.per_second() > 0 else 2.0
 
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -197,7 +192,6 @@ class Scheduler:
                 continue
             if self._window_jumps(request):
                 request.emit(self._prefill(request))
-                self._rate.add(request.n)
             else:
                 batch.append(request)
         if batch:
@@ -226,7 +220,6 @@ class Scheduler:
             request.rows = torch.tensor(request.slots, device=self.cache.lengths.device)
             self.running.append(request)
             request.emit(self._prefill(request))
-            self._rate.add(request.n)
             admitted.append(request)
         return admitted
 
@@ -268,7 +261,6 @@ class Scheduler:
         for request in batch:
             rows = logits.index_select(0, request.rows)  # (n, V)
             request.emit(rows, probs.index_select(0, request.rows) if request.plain else None)
-            self._rate.add(request.n)
 
 
 class StepReader:
@@ -309,24 +301,3 @@ class StepReader:
 
     def __del__(self) -> None:
         self.close()
-
-
-class _Rate:
-    """Tokens per second over the last few seconds, for /health."""
-
-    WINDOW_S = 5.0
-
-    def __init__(self) -> None:
-        self._events: collections.deque[tuple[float, int]] = collections.deque()
-        self._lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self._events.append((time.monotonic(), n))
-
-    def per_second(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            while self._events and now - self._events[0][0] > self.WINDOW_S:
-                self._events.popleft()
-            return sum(n for _, n in self._events) / self.WINDOW_S

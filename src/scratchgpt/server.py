@@ -295,9 +295,8 @@ class ServerState:
     def load(self) -> dict[str, Any]:
         """What /health reports of the load: requests generating now, requests waiting for a slot, and the tokens
         generated per second over the last few seconds."""
-        if self.scheduler is not None:
-            return self.scheduler.load()
-        return {"running": self.stats.active, "waiting": 0, "tokens_per_second": round(self.stats.tokens_per_second(), 1)}
+        load = {"running": self.stats.active, "waiting": 0, "tokens_per_second": round(self.stats.tokens_per_second(), 1)}
+        return {**load, **self.scheduler.load()} if self.scheduler is not None else load
 
     def close(self) -> None:
         """Stop the scheduler's thread; called once at shutdown, after uvicorn has drained the running requests."""
