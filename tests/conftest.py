@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,35 @@ def tiny_config(data_path: Path | str, **train_overrides) -> Config:
         train=TrainConfig(**train),
         data=DataConfig(path=str(data_path)),
     )
+
+
+def sharpen(model: torch.nn.Module) -> torch.nn.Module:
+    """Scale a random GPT's head, embedding and attention up, in place, so that its greedy choices are far from ties
+    (kernel differences between two implementations then cannot flip one)."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+        model.transformer.wte.weight.mul_(5)
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(5)
+    return model
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chromium driven by selenium (the playground tests skip themselves without one)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from conftest import sharpen
 
 from scratchgpt.build import build_model
 from scratchgpt.config import ModelConfig
@@ -37,13 +38,7 @@ def make_gpt(block_size: int = 16, seed: int = 0, **options) -> GPT:
     torch.manual_seed(seed)
     options = {"tie_weights": False, **options}
     config = ModelConfig(vocab_size=VOCAB, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **options)
-    model = build_model(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-        model.transformer.wte.weight.mul_(5)
-        for block in model.transformer.h:
-            block.attn.c_attn.weight.mul_(5)
-    return model
+    return sharpen(build_model(config).eval())
 
 
 def greedy(model, prompt, n, **kw) -> list[int]:

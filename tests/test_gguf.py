@@ -13,6 +13,7 @@ import shlex
 import numpy as np
 import pytest
 import torch
+from conftest import sharpen
 
 from scratchgpt.build import build_model
 from scratchgpt.checkpoint import save_checkpoint
@@ -40,13 +41,7 @@ def llama_cpp():
 def sharpened(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """A random model whose greedy choices are far from ties, so that kernel differences cannot flip them."""
     torch.manual_seed(seed)
-    model = build_model(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-        model.transformer.wte.weight.mul_(5)
-        for block in model.transformer.h:
-            block.attn.c_attn.weight.mul_(5)
-    return model
+    return sharpen(build_model(config).eval())
 
 
 def checkpoint(tmp_path, model, tokenizer, name="ckpt"):

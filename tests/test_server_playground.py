@@ -12,10 +12,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 pytest.importorskip("selenium.webdriver")
 
+from conftest import CHROMEDRIVER, CHROMIUM  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from serving import running_server  # noqa: E402
-from test_playground import CHROMEDRIVER, CHROMIUM, set_slider  # noqa: E402
+from test_playground import set_slider  # noqa: E402
 
 from scratchgpt.server import create_app  # noqa: E402
 
@@ -24,22 +25,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs Chromium and its driver: apt-get install -y chromium chromium-driver (as .ci/run does)",
 )
 KEY = "playground-key"
-
-
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1200,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +50,7 @@ def generate(browser, max_tokens: int) -> None:
     browser.find_element(By.ID, "generate").click()
 
 
-def test_the_key_field_sends_the_key_and_the_header_shows_the_load(chromium, keyed_url):
-    browser = chromium
+def test_the_key_field_sends_the_key_and_the_header_shows_the_load(browser, keyed_url):
     browser.get(keyed_url + "/")
     browser.execute_script("sessionStorage.clear()")
     browser.get(keyed_url + "/")

@@ -6,6 +6,12 @@ import torch
 import torch.nn as nn
 
 
+def _empty_for(cache_class, model: nn.Module, rows: int):
+    """An empty cache of `rows` sequences shaped for `model`'s layers and heads, on its device and dtype."""
+    weight, c = model.transformer.wte.weight, model.config
+    return cache_class(c.n_layer, rows, c.n_head, c.block_size, c.head_size, weight.device, weight.dtype)
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated for block_size positions.
 
@@ -24,9 +30,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int = 1) -> KVCache:
         """An empty cache for `batch_size` sequences of up to block_size tokens, on the model's device and dtype."""
-        weight = model.transformer.wte.weight
-        c = model.config
-        return cls(c.n_layer, batch_size, c.n_head, c.block_size, c.head_size, weight.device, weight.dtype)
+        return _empty_for(cls, model, batch_size)
 
     @property
     def batch_size(self) -> int:
@@ -80,9 +84,7 @@ class SlotCache:
     @classmethod
     def for_model(cls, model: nn.Module, slots: int) -> SlotCache:
         """An empty cache of `slots` sequences for `model`, on its device and dtype."""
-        weight = model.transformer.wte.weight
-        c = model.config
-        return cls(c.n_layer, slots, c.n_head, c.block_size, c.head_size, weight.device, weight.dtype)
+        return _empty_for(cls, model, slots)
 
     @property
     def slots(self) -> int:
