@@ -73,7 +73,6 @@ REQUEST_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}  # engine f
 DISCONNECT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still there
 DEFAULT_MAX_BODY_BYTES = 1_000_000  # --max-body-bytes: a larger request body is a 413
 DEFAULT_MAX_PROMPT_TOKENS = 8192  # --max-prompt-tokens: a longer prompt is a 400
-SWITCH_INTERVAL_S = float(__import__("os").environ.get("SCRATCHGPT_SWITCH_INTERVAL", "0.0005"))
 DEFAULT_DRAIN_SECONDS = 30.0  # --drain-seconds: how long SIGTERM lets running requests finish
 API_KEY_ENV = "SCRATCHGPT_API_KEY"  # where `scratchgpt serve` finds the key when --api-key is not given
 LOAD_WINDOW_S = 5.0  # /health's tokens_per_second is the rate over this many seconds
@@ -655,9 +654,6 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     model, tokenizer, config, _ = load_checkpoint(directory, resolve_device(device))
     name = directory.name if directory.name not in ("best", "last") and not directory.name.startswith("step-") \
         else f"{directory.parent.name}/{directory.name}"
-    # The scheduler thread runs Python between its kernels; with the interpreter's default 5 ms switch
-    # interval, a request's thread could wait that long for the lock to hand on each token.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(model, tokenizer, name, config.to_dict()["model"], max_tokens_cap, api_key=api_key,
                      max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, batching=batching)
     warning = exposure_warning(host, api_key)
