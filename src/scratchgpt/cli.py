@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .allocator import keep_freed_memory
+from .batching import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SLOTS
 from .config import (
     FIELD_HELP,
     FREE_MODEL_FIELDS,
@@ -304,12 +305,12 @@ def _add_serve_parser(commands) -> None:
                    help="refuse a prompt of more tokens than this with a 400 (default 8192)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM or Ctrl-C, let running requests finish for up to this long, then exit (default 30)")
-    p.add_argument("--slots", type=int, default=16,
-                   help="samples generated at once, in one forward pass per token; each request's n takes n of them (default 16)")
-    p.add_argument("--max-waiting", type=int, default=32,
-                   help="requests that may wait for a free slot; beyond them the server answers 429 (default 32)")
-    p.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request may generate before it is ended with finish_reason length (default 600)")
+    p.add_argument("--slots", type=int, default=DEFAULT_SLOTS,
+                   help="samples generated at once, in one forward pass per token; each request's n takes n of them (default %(default)s)")
+    p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                   help="requests that may wait for a free slot; beyond them the server answers 429 (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                   help="seconds a request may generate before it is ended with finish_reason length (default %(default)g)")
     _add_device_flags(p)
 
 

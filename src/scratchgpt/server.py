@@ -401,10 +401,6 @@ class _Generation:
     tokenizer: Any = None
     on_token: Callable[[int], None] | None = None
 
-    def ready(self) -> int:
-        """Steps decoded and not yet read."""
-        return self.reader.ready() if self.reader is not None else 0
-
     @classmethod
     def start(cls, state: ServerState, prompt: str, settings: SamplingSettings) -> _Generation:
         """Submit the decoding of `prompt` (ServerBusy if the server is full); its steps come as `steps` is iterated."""
@@ -423,24 +419,11 @@ class _Generation:
         return cls(prompt, settings, steps, cancel, header, len(state.tokenizer.encode(prompt)),
                    readers[0] if readers else None, state.tokenizer, state.stats.add_tokens)
 
-    def next_chunks(self) -> list[CompletionChunk] | None:
-        """The chunks of the next step, and of every further step already decoded, one per sample; None at the end.
-
-        A reader that falls behind the scheduler (a busy server) thus sends one event for several
-        tokens, instead of paying a thread hop and an event for each.
-        """
-        chunks = next(self.steps, None)
-        if chunks is None:
-            return None
-        while self.ready() > 0 and (more := next(self.steps, None)) is not None:
-            chunks = chunks + more
-        return _merged(chunks)
-
     async def stream(self) -> AsyncIterator[list[CompletionChunk]]:
         """The chunks as they come, read on the event loop: the scheduler's thread wakes it for each step,
         and it never waits on a step that has not arrived (the bigram's decoding runs in worker threads)."""
         if self.reader is None:
-            while (chunks := await run_in_threadpool(self.next_chunks)) is not None:
+            while (chunks := await run_in_threadpool(next, self.steps, None)) is not None:
                 yield chunks
             return
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
