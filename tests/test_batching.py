@@ -77,6 +77,27 @@ def test_a_request_gets_the_same_tokens_alone_and_beside_others(options, others)
         scheduler.close()
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_plain_requests_draw_what_multinomial_draws_from_their_logits(n):
+    """The batched draw (argmax(probs / Exp(1)), batching._batched_step) is torch.multinomial's, generator state and all."""
+    model = make_model()
+    scheduler = Scheduler(model, slots=8)
+    try:
+        others = [scheduler.decode(prompt(60 + i, 4), 30, temperature=0.7, generator=torch.Generator().manual_seed(i))
+                  for i in range(3)]
+        steps = list(scheduler.decode(prompt(2, 5), 30, temperature=0.7, num_samples=n,
+                                      generator=torch.Generator().manual_seed(11)))
+        for other in others:
+            list(other)
+        replay = torch.Generator().manual_seed(11)
+        for step in steps:
+            probs = torch.softmax(step.logits.float() / 0.7, dim=-1)
+            assert step.ids.tolist() == torch.multinomial(probs, 1, generator=replay).squeeze(-1).tolist()
+        assert len(steps) == 30
+    finally:
+        scheduler.close()
+
+
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_greedy_batched_text_equals_the_engines_through_window_jumps(options):
     """The scheduler's positions, masks and window jumps reproduce engine.decode's greedy text."""

@@ -24,6 +24,7 @@ import collections
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,14 +49,14 @@ class ServerBusy(ScratchGPTError):
         self.retry_after = retry_after
 
 
-_END = object()  # put on a request's queue when it has no more steps
+END = object()  # put on a request's queue when it has no more steps
 
 
 @dataclass(eq=False)  # compared by identity
 class _Request:
     """One submitted completion: its tokens so far, its sampling settings, where its steps go."""
 
-    tokens: torch.Tensor  # (n, T): prompt and generated tokens of each sample
+    tokens: list[list[int]]  # prompt and generated tokens of each sample (one list for all until the first token)
     max_new_tokens: int
     temperature: float
     top_k: int | None
@@ -80,18 +81,24 @@ class _Request:
         for listener in self.listeners:
             listener()
 
-    def emit(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> None:
-        """Draw each sample's next token from its logits (n, V), as engine.decode does, and hand the step out.
+    def window(self, device: torch.device) -> torch.Tensor:
+        """The tokens of the context window, (rows, T'): one row before the first token, n after."""
+        return torch.tensor([sample[self.start:] for sample in self.tokens], dtype=torch.long, device=device)
 
-        `probs`, for a plain request (see `plain`), are softmax(logits / temperature), computed
-        for the whole batch at once.
-        """
-        if probs is not None:
-            next_ids = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(-1)  # (n,)
-        else:
-            scores = repetition_penalty_filter(logits, self.tokens, self.repetition_penalty)
-            next_ids = sample_next(scores, self.temperature, self.top_k, self.top_p, self.generator)  # (n,)
-        self.tokens = torch.cat([self.tokens, next_ids[:, None]], dim=1)
+    def emit(self, logits: torch.Tensor) -> None:
+        """Draw each sample's next token from its logits (n, V) exactly as engine.decode does, and hand the step out."""
+        previous = None
+        if self.repetition_penalty != 1.0:  # before the first token one prompt stands for the n samples
+            previous = torch.tensor(self.tokens * (logits.size(0) // len(self.tokens)), device=logits.device)  # (n, T)
+        scores = repetition_penalty_filter(logits, previous, self.repetition_penalty)
+        self.take(sample_next(scores, self.temperature, self.top_k, self.top_p, self.generator), logits)
+
+    def take(self, next_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """Append the drawn tokens (n,) to the samples and hand the step out."""
+        if len(self.tokens) < self.n:  # the first token: one prompt, n continuations
+            self.tokens = [list(self.tokens[0]) for _ in range(self.n)]
+        for sample, token in zip(self.tokens, next_ids.tolist(), strict=True):
+            sample.append(token)
         self.generated += 1
         self.send(Step(next_ids, logits))
 
@@ -111,9 +118,13 @@ class Scheduler:
     """Runs every submitted completion of one model in shared forward passes, on its own thread."""
 
     def __init__(self, model: torch.nn.Module, slots: int = DEFAULT_SLOTS, max_waiting: int = DEFAULT_MAX_WAITING,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, on_step: Callable[[], None] | None = None):
+        """`on_step()`, if given, is called on the scheduler's thread after each step has handed out its tokens."""
         self.model = model.eval()
+        self.on_step = on_step
         self.cache = SlotCache.for_model(model, slots)
+        self._prefill_caches: dict[int, KVCache] = {}  # by rows: a window jump's prefill reuses one
+        self._race: torch.Tensor | None = None  # (slots, V): the plain requests' exponential draws (_batched_step)
         self.max_waiting = max_waiting
         self.request_timeout = request_timeout
         self.free = list(range(slots))
@@ -136,7 +147,7 @@ class Scheduler:
         if num_samples > self.cache.slots:
             raise SamplingError(f"n must be <= {self.cache.slots} (this server's slots), got {num_samples}", "n")
         block_size = self.model.config.block_size
-        request = _Request(idx.to(self.cache.keys.device), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+        request = _Request(idx.tolist(), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                            generator, keep or default_keep(block_size), cancel or threading.Event(),
                            time.monotonic() + self.request_timeout, n=num_samples,
                            start=max(0, idx.size(1) - block_size))
@@ -150,6 +161,11 @@ class Scheduler:
             self.waiting.append(request)
             self._wake.notify()
         return StepReader(request)
+
+    @property
+    def slots(self) -> int:
+        """How many samples run at once: the rows of every step."""
+        return self.cache.slots
 
     def load(self) -> dict[str, int]:
         """What /health shows of the scheduler: requests running and waiting, and the slots."""
@@ -180,7 +196,11 @@ class Scheduler:
                     for request in self.running:
                         request.send(exc)
                     self._retire(list(self.running))
+                if self.on_step is not None:
+                    self.on_step()
         self._retire(list(self.running) + list(self.waiting))
+        if self.on_step is not None:
+            self.on_step()
 
     def _step(self) -> None:
         """Retire, admit, then one forward pass for every running sequence whose window holds."""
@@ -203,7 +223,7 @@ class Scheduler:
                 self.running.remove(request)
             self.free.extend(request.slots)
             request.slots = []
-            request.send(_END)
+            request.send(END)
 
     def _admit(self) -> list[_Request]:
         """Prefill waiting requests into free slots, oldest first, and draw their first tokens."""
@@ -214,7 +234,7 @@ class Scheduler:
                     break
                 request = self.waiting.popleft()
             if request.cancel.is_set() or request.abandoned.is_set():
-                request.send(_END)
+                request.send(END)
                 continue
             request.slots = [self.free.pop(0) for _ in range(request.n)]
             request.rows = torch.tensor(request.slots, device=self.cache.lengths.device)
@@ -225,42 +245,66 @@ class Scheduler:
 
     def _window_jumps(self, request: _Request) -> bool:
         """Whether the request's next token no longer fits in its window (engine.window_start's rule)."""
-        length = request.tokens.size(1)
-        new_start = window_start(length, request.start, self.model.config.block_size, request.keep)
+        new_start = window_start(len(request.tokens[0]), request.start, self.model.config.block_size, request.keep)
         jumped = new_start != request.start
         request.start = new_start
         return jumped
 
     def _prefill(self, request: _Request) -> torch.Tensor:
         """Run the request's window alone, put its keys and values in its slots; its last logits, (n, V)."""
-        window = request.tokens[:1, request.start:] if request.generated == 0 else request.tokens[:, request.start:]
-        cache = KVCache.for_model(self.model, window.size(0))
+        window = request.window(self.cache.keys.device)  # (rows, T')
+        cache = self._prefill_cache(window.size(0))
         logits = self.model(window, cache=cache)[0][:, -1]  # (rows, T') -> (rows, V)
         for i, slot in enumerate(request.slots):
             self.cache.load(slot, cache, row=min(i, window.size(0) - 1))  # a new prompt: one row for all samples
         if request.generated == 0 and request.n > 1:  # one prefill, n continuations (as engine.decode)
-            request.tokens = request.tokens.expand(request.n, -1)
             logits = logits.expand(request.n, -1)
         return logits
 
+    def _prefill_cache(self, rows: int) -> KVCache:
+        """An empty KVCache of `rows` sequences, kept from one prefill to the next."""
+        cache = self._prefill_caches.get(rows)
+        if cache is None:
+            cache = self._prefill_caches[rows] = KVCache.for_model(self.model, rows)
+        cache.reset()
+        return cache
+
     def _batched_step(self, batch: list[_Request]) -> None:
-        """One forward pass at shape (slots, 1): each running sample's newest token, idle slots padded."""
+        """One forward pass at shape (slots, 1): each running sample's newest token, idle slots padded.
+
+        Plain requests draw their tokens together: torch.multinomial draws one token from probs as
+        argmax(probs / e) with e ~ Exp(1) from the caller's generator (the Gumbel-max trick, in
+        PyTorch's own implementation), so each plain request fills its rows of `race` with its own
+        generator and one division and argmax serve every row, bit for bit what multinomial gives.
+        """
         slots = self.cache.slots
-        stepping = torch.zeros(slots, dtype=torch.bool, device=self.cache.lengths.device)
-        last = torch.zeros(slots, 1, dtype=torch.long, device=self.cache.lengths.device)
-        temperature = torch.ones(slots, 1, device=stepping.device)
+        stepping, last, temperature = [False] * slots, [0] * slots, [1.0] * slots
         for request in batch:
-            stepping[request.rows] = True
-            last[request.rows, 0] = request.tokens[:, -1]
+            for slot, sample in zip(request.slots, request.tokens, strict=True):
+                stepping[slot], last[slot] = True, sample[-1]
+                if request.plain:
+                    temperature[slot] = request.temperature
+        device = self.cache.lengths.device
+        self.cache.prepare_step(torch.tensor(stepping, device=device))
+        logits = self.model(torch.tensor(last, device=device).view(slots, 1), cache=self.cache)[0][:, -1]  # (slots, V)
+        # One softmax over every row, at one fixed shape; then each plain request's race.
+        probs = torch.softmax(logits.float() / torch.tensor(temperature, device=device).view(slots, 1), dim=-1)
+        plain = [request for request in batch if request.plain]
+        if self._race is None:
+            self._race = torch.ones_like(probs)
+        for request in plain:
+            if request.n == 1:
+                self._race[request.slots[0]].exponential_(1, generator=request.generator)
+            else:  # rows that need not be neighbours: drawn as one (n, V) block, as multinomial would
+                self._race.index_copy_(0, request.rows, torch.empty_like(probs[:request.n]).exponential_(
+                    1, generator=request.generator))
+        chosen = (probs / self._race).argmax(dim=-1) if plain else None  # (slots,)
+        for request in batch:
+            rows = request.rows if request.n > 1 else slice(request.slots[0], request.slots[0] + 1)
             if request.plain:
-                temperature[request.rows] = request.temperature
-        self.cache.prepare_step(stepping)
-        logits = self.model(last, cache=self.cache)[0][:, -1]  # (slots, 1) -> (slots, V)
-        # The plain requests' probabilities in one softmax over every row: still one fixed shape.
-        probs = torch.softmax(logits.float() / temperature, dim=-1)  # (slots, V)
-        for request in batch:
-            rows = logits.index_select(0, request.rows)  # (n, V)
-            request.emit(rows, probs.index_select(0, request.rows) if request.plain else None)
+                request.take(chosen[rows], logits[rows])
+            else:
+                request.emit(logits[rows])
 
 
 class StepReader:
@@ -277,7 +321,7 @@ class StepReader:
         if self._ended:
             raise StopIteration
         item = self._request.out.get()
-        if item is _END:
+        if item is END:
             self._ended = True
             raise StopIteration
         if isinstance(item, BaseException):
