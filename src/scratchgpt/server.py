@@ -64,6 +64,7 @@ from .engine import (
 )
 from .errors import ScratchGPTError, TokenizerError
 from .model import GPT, count_parameters
+from .scheduler_process import SchedulerProcess
 
 DEFAULT_MAX_TOKENS_CAP = 2048
 MAX_SAMPLES = 16  # n
@@ -272,7 +273,7 @@ class ServerState:
     step_lock: threading.Lock = field(default_factory=threading.Lock)  # the bigram's forward passes take turns
     stats: _Stats = field(default_factory=_Stats)
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
-    scheduler: Scheduler | None = None  # continuous batching; None for a model without a cache (the bigram)
+    scheduler: Scheduler | SchedulerProcess | None = None  # continuous batching; None for a model without a cache (the bigram)
 
     @classmethod
     def build(cls, model: torch.nn.Module, tokenizer, model_name: str, config: dict | None,
@@ -282,14 +283,17 @@ class ServerState:
         model_config = config if config is not None else vars(model.config)
         max_logprobs = min(MAX_LOGPROBS, tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else MAX_LOGPROBS)
         limits = batching or BatchingLimits()
-        scheduler = Scheduler(model, limits.slots, limits.max_waiting, limits.request_timeout) if isinstance(model, GPT) else None
+        scheduler = None
+        if isinstance(model, GPT):
+            kind = SchedulerProcess if limits.own_process else Scheduler
+            scheduler = kind(model, limits.slots, limits.max_waiting, limits.request_timeout)
         return cls(model, tokenizer, model_name, model_config, max_tokens_cap, max_logprobs,
                    max_prompt_tokens=max_prompt_tokens, scheduler=scheduler)
 
     @property
     def max_samples(self) -> int:
         """The largest n: one slot per sample."""
-        return min(MAX_SAMPLES, self.scheduler.cache.slots) if self.scheduler else MAX_SAMPLES
+        return min(MAX_SAMPLES, self.scheduler.slots) if self.scheduler else MAX_SAMPLES
 
     def load(self) -> dict[str, Any]:
         """What /health reports of the load: requests generating now, requests waiting for a slot, and the tokens
@@ -305,11 +309,13 @@ class ServerState:
 
 @dataclass
 class BatchingLimits:
-    """How many requests run at once (slots), how many may wait for one, and how long one may run."""
+    """How many requests run at once (slots), how many may wait for one, how long one may run, and whether the
+    scheduler runs in a process of its own (scheduler_process.py; `scratchgpt serve` does unless --in-process)."""
 
     slots: int = DEFAULT_SLOTS
     max_waiting: int = DEFAULT_MAX_WAITING
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    own_process: bool = False
 
 
 def server_state(request: Request) -> ServerState:
@@ -410,7 +416,7 @@ class _Generation:
         readers: list[StepReader] = []
 
         def batched(*args, **kwargs) -> StepReader:  # the scheduler's decode, keeping its reader at hand
-            readers.append(state.scheduler.decode(*args, **kwargs))
+            readers.append(state.scheduler.decode(*args, with_logits=settings.logprobs is not None, **kwargs))
             return readers[-1]
 
         steps = stream_completion(state.model, state.tokenizer, prompt, settings, cancel=cancel,
