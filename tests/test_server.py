@@ -18,7 +18,7 @@ from serving import running_server, train_tiny_checkpoint  # noqa: E402
 
 from scratchgpt import load  # noqa: E402
 from scratchgpt.sample import generate_text  # noqa: E402
-from scratchgpt.server import create_app  # noqa: E402
+from scratchgpt.server import BatchingLimits, create_app  # noqa: E402
 
 CAP = 100_000  # large, so that an uncancelled generation would run far past the disconnect test's wait
 
@@ -28,10 +28,11 @@ def tiny_run(tmp_path_factory, small_corpus):
     return train_tiny_checkpoint(small_corpus, tmp_path_factory.mktemp("serve") / "tiny")
 
 
-@pytest.fixture(scope="module")
-def served(tiny_run):
+@pytest.fixture(scope="module", params=[False, True], ids=["in-process", "own-process"])
+def served(request, tiny_run):
+    """The server, its model's scheduler in the server's process and in a process of its own (`scratchgpt serve`)."""
     model, tokenizer = load(tiny_run)
-    app = create_app(model, tokenizer, "tiny", max_tokens_cap=CAP)
+    app = create_app(model, tokenizer, "tiny", max_tokens_cap=CAP, batching=BatchingLimits(own_process=request.param))
     with running_server(app) as url:
         yield url, model, tokenizer
 

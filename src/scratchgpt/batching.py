@@ -44,9 +44,17 @@ RETRY_AFTER_S = 1.0  # what a 429 asks a client to wait: a slot frees within a s
 class ServerBusy(ScratchGPTError):
     """Every slot is taken and the waiting line is full: the caller should retry later (HTTP 429)."""
 
+    status = 429
+
     def __init__(self, message: str, retry_after: float = 1.0):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SchedulerStopped(ServerBusy):
+    """The scheduler is gone (shut down, or its process died): no request can run (HTTP 503)."""
+
+    status = 503
 
 
 END = object()  # put on a request's queue when it has no more steps
@@ -153,7 +161,7 @@ class Scheduler:
                            start=max(0, idx.size(1) - block_size))
         with self._wake:
             if self._closed:
-                raise ServerBusy("the server is shutting down", retry_after=5.0)
+                raise SchedulerStopped("the server is shutting down", retry_after=5.0)
             slot_free = not self.waiting and len(self.free) >= num_samples  # it will run at the next step
             if not slot_free and len(self.waiting) >= self.max_waiting:
                 raise ServerBusy(f"all {self.cache.slots} slots are busy and {len(self.waiting)} requests wait; "
@@ -166,6 +174,11 @@ class Scheduler:
     def slots(self) -> int:
         """How many samples run at once: the rows of every step."""
         return self.cache.slots
+
+    @property
+    def stopped(self) -> str | None:
+        """Why no request can run any more, or None while the scheduler serves."""
+        return "the server is shutting down" if self._closed else None
 
     def load(self) -> dict[str, int]:
         """What /health shows of the scheduler: requests running and waiting, and the slots."""

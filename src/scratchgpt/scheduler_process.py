@@ -39,6 +39,7 @@ from .batching import (
     END,
     RETRY_AFTER_S,
     Scheduler,
+    SchedulerStopped,
     ServerBusy,
     StepReader,
 )
@@ -100,7 +101,7 @@ class SchedulerProcess:
         random_state = None if generator is None else (str(generator.device), generator.get_state())
         with self._lock:
             if self._stopped is not None:
-                raise ServerBusy(self._stopped, retry_after=5.0)
+                raise SchedulerStopped(self._stopped, retry_after=5.0)
             slot_free = not self._waiting and self._free >= num_samples
             if not slot_free and len(self._waiting) >= self.max_waiting:
                 raise ServerBusy(f"all {self.slots} slots are busy and {len(self._waiting)} requests wait; "
@@ -111,6 +112,11 @@ class SchedulerProcess:
             self._admit()
             self._conn.send(("submit", request.id, idx[0].tolist(), max_new_tokens, settings, random_state, with_logits))
         return StepReader(request)
+
+    @property
+    def stopped(self) -> str | None:
+        """Why no request can run any more (shut down, or the child died), or None while the child serves."""
+        return self._stopped
 
     def load(self) -> dict[str, int]:
         """What /health shows: requests running and waiting, and the slots."""

@@ -129,8 +129,12 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
 
 
 async def _server_busy(request: Request, exc: ServerBusy) -> JSONResponse:
-    """Exception handler: every slot taken and the waiting line full is a 429 with Retry-After, as OpenAI answers."""
+    """Exception handler: every slot taken and the waiting line full is a 429 with Retry-After, as OpenAI answers;
+    a scheduler that has stopped (SchedulerStopped: shutting down, or its process died) a 503."""
     retry_after = max(1, math.ceil(exc.retry_after)) if math.isfinite(exc.retry_after) else 1
+    if exc.status == 503:
+        return _error(503, str(exc), kind="server_error", code="service_unavailable",
+                      headers={"Retry-After": str(retry_after)})
     return _error(429, str(exc) or "the server is busy; retry later", kind="requests", code="rate_limit_exceeded",
                   headers={"Retry-After": str(retry_after)})
 
@@ -543,9 +547,11 @@ async def playground() -> HTMLResponse:
 
 @router.get("/health")
 async def health(state: State) -> dict[str, Any]:
-    """GET /health: the model's name, config and size, the cap, and what the server is doing (ServerState.load)."""
+    """GET /health: the model's name, config and size, the cap, and what the server is doing (ServerState.load);
+    status "ok", or "unavailable: <why>" once the scheduler has stopped."""
+    stopped = state.scheduler.stopped if state.scheduler is not None else None
     return {
-        "status": "ok",
+        "status": "ok" if stopped is None else f"unavailable: {stopped}",
         "model": state.model_name,
         "config": state.model_config,
         "parameters": count_parameters(state.model),

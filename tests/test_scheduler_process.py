@@ -1,0 +1,137 @@
+"""The scheduler in a process of its own (scheduler_process.py): the tokens the in-process scheduler draws,
+the logits when asked, a full line refused, a leaving or cancelled reader ending its request, a dead child."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from test_batching import OPTIONS, make_model, prompt
+
+from scratchgpt.batching import Scheduler, SchedulerStopped, ServerBusy
+from scratchgpt.errors import ScratchGPTError
+from scratchgpt.scheduler_process import SchedulerProcess
+
+JOBS = [  # (prompt seed, prompt length, new tokens, generator seed, settings)
+    (1, 5, 40, 7, {"num_samples": 2}),
+    (2, 3, 25, 8, {"temperature": 0.7}),
+    (3, 9, 30, 9, {"top_k": 4, "repetition_penalty": 1.3}),
+    (4, 1, 20, 10, {"top_p": 0.8, "num_samples": 3}),
+    (5, 4, 15, 11, {"temperature": 0}),
+]
+
+
+def run_jobs(scheduler) -> list[list[list[int]]]:
+    """Submit every job at once, read them in threads: each job's token ids, step by step."""
+    readers = [scheduler.decode(prompt(p, length), n_new, generator=torch.Generator().manual_seed(seed), **kw)
+               for p, length, n_new, seed, kw in JOBS]
+    results: list = [None] * len(readers)
+
+    def read(i):
+        results[i] = [step.ids.tolist() for step in readers[i]]
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(readers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_the_child_draws_the_tokens_the_in_process_scheduler_draws(options):
+    model = make_model(**options)
+    here, there = Scheduler(model, slots=8), SchedulerProcess(model, slots=8)
+    try:
+        expected = run_jobs(here)
+        assert run_jobs(there) == expected
+        assert [len(steps) for steps in expected] == [job[2] for job in JOBS]
+    finally:
+        here.close()
+        there.close()
+
+
+@pytest.fixture(scope="module")
+def child():
+    model = make_model()
+    scheduler = SchedulerProcess(model, slots=2, max_waiting=1)
+    yield model, scheduler
+    scheduler.close()
+
+
+def test_logits_cross_the_pipe_only_when_asked(child):
+    model, scheduler = child
+    here = Scheduler(model, slots=2)
+    try:
+        expected = list(here.decode(prompt(1, 4), 6, generator=torch.Generator().manual_seed(3)))
+    finally:
+        here.close()
+    with_logits = list(scheduler.decode(prompt(1, 4), 6, generator=torch.Generator().manual_seed(3)))
+    without = list(scheduler.decode(prompt(1, 4), 6, generator=torch.Generator().manual_seed(3), with_logits=False))
+    assert all(torch.equal(a.logits, b.logits) for a, b in zip(with_logits, expected, strict=True))
+    assert all(step.logits is None for step in without)
+    assert [s.ids.tolist() for s in without] == [s.ids.tolist() for s in expected]
+
+
+def test_a_full_line_is_refused_and_a_reader_that_leaves_frees_its_slots(child):
+    _, scheduler = child
+    first = scheduler.decode(prompt(1, 3), 1_000_000, num_samples=2, generator=torch.Generator().manual_seed(0))
+    next(first)  # it holds both slots
+    second = scheduler.decode(prompt(2, 3), 5, generator=torch.Generator().manual_seed(0))  # waits
+    assert scheduler.load() == {"running": 1, "waiting": 1, "slots": 2}
+    with pytest.raises(ServerBusy):
+        scheduler.decode(prompt(3, 3), 5)
+    first.close()  # the client went away
+    assert len(list(second)) == 5
+    wait_until(lambda: scheduler.load() == {"running": 0, "waiting": 0, "slots": 2})
+
+
+def test_a_cancelled_request_ends_at_a_step(child):
+    _, scheduler = child
+    cancel = threading.Event()
+    steps = scheduler.decode(prompt(1, 3), 1_000_000, cancel=cancel, generator=torch.Generator().manual_seed(0))
+    next(steps)
+    cancel.set()
+    assert 0 < len(list(steps)) < 1_000_000
+    wait_until(lambda: scheduler.load()["running"] == 0)
+
+
+def test_a_child_that_dies_ends_its_readers_with_an_error():
+    scheduler = SchedulerProcess(make_model(), slots=2)
+    try:
+        steps = scheduler.decode(prompt(1, 3), 1_000_000, generator=torch.Generator().manual_seed(0))
+        next(steps)
+        scheduler._process.kill()
+        with pytest.raises(ScratchGPTError, match="stopped unexpectedly"):
+            list(steps)
+        with pytest.raises(SchedulerStopped, match="stopped unexpectedly"):
+            scheduler.decode(prompt(1, 3), 5)
+    finally:
+        scheduler.close()
+
+
+def wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the scheduler's process did not get there in time"
+        time.sleep(0.01)
+
+
+def test_the_server_answers_503_once_its_scheduler_process_is_gone():
+    httpx = pytest.importorskip("httpx")
+    from serving import running_server
+
+    from scratchgpt.server import BatchingLimits, create_app
+    from scratchgpt.tokenizer import CharTokenizer
+
+    app = create_app(make_model(), CharTokenizer(list("abcdefghijklm")), "t", batching=BatchingLimits(own_process=True))
+    with running_server(app) as url:
+        assert httpx.post(f"{url}/v1/completions", json=dict(prompt="abc", max_tokens=3), timeout=30).status_code == 200
+        scheduler = app.state.server.scheduler
+        scheduler._process.kill()
+        wait_until(lambda: scheduler._stopped is not None)
+        answer = httpx.post(f"{url}/v1/completions", json=dict(prompt="abc", max_tokens=3), timeout=30)
+        assert answer.status_code == 503 and "stopped unexpectedly" in answer.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").json()["status"].startswith("unavailable: the scheduler's process stopped")
