@@ -98,7 +98,8 @@ class SchedulerProcess:
             raise SamplingError(f"n must be <= {self.slots} (this server's slots), got {num_samples}", "n")
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                         num_samples=num_samples, keep=keep)
-        random_state = None if generator is None else (str(generator.device), generator.get_state())
+        # The generator's state as plain bytes: a tensor on the pipe would travel as a shared-memory handle.
+        random_state = None if generator is None else (str(generator.device), generator.get_state().numpy().tobytes())
         with self._lock:
             if self._stopped is not None:
                 raise SchedulerStopped(self._stopped, retry_after=5.0)
@@ -272,7 +273,7 @@ def _child(model: torch.nn.Module, slots: int, request_timeout: float, threads: 
                 generator = None
                 if random_state is not None:
                     generator = torch.Generator(device=random_state[0])
-                    generator.set_state(random_state[1])
+                    generator.set_state(torch.frombuffer(bytearray(random_state[1]), dtype=torch.uint8))
                 with lock:  # registered before the scheduler can hand out its first token
                     readers[request_id] = (scheduler.decode(torch.tensor([ids], dtype=torch.long), max_new_tokens,
                                                             generator=generator, **settings), with_logits)

@@ -8,14 +8,17 @@
 The server is a thin layer over `engine.stream_completion`, the sampler the CLI uses, fed by
 continuous batching (batching.py): one forward pass advances every running request, at a shape
 that does not depend on how many run, so the same seed gives the same text alone or beside
-fifteen others. It clamps what callers may ask for (--max-tokens-cap, n, logprobs) and answers
-bad requests with a 400 and a JSON message. Each request reads its tokens in a worker thread so
-the event loop stays free; a client that goes away frees its slot at the next step. (A bigram
-model, which has no cache to batch, decodes under one lock instead.)
+fifteen others. `scratchgpt serve` runs that scheduler in a process of its own
+(scheduler_process.py), so that its Python and the event loop's do not take turns on one
+interpreter lock. It clamps what callers may ask for (--max-tokens-cap, n, logprobs) and answers
+bad requests with a 400 and a JSON message. A streamed request reads its tokens on the event loop
+as the scheduler hands them out; a client that goes away frees its slot at the next step. (A
+bigram model, which has no cache to batch, decodes under one lock in worker threads instead.)
 
 For a shared server (a classroom): an optional API key guards /v1/* (`Authorization: Bearer KEY`,
 else a 401), a body over --max-body-bytes is a 413 and a prompt over --max-prompt-tokens a 400,
-a full server (ServerBusy, raised when a request is accepted) is a 429 with Retry-After, and on
+a full server (ServerBusy, raised when a request is accepted) is a 429 with Retry-After (a stopped
+scheduler, SchedulerStopped, a 503), and on
 SIGTERM uvicorn stops accepting, lets running requests finish for up to --drain-seconds, and the
 lifespan's shutdown then calls ServerState.close. /health shows the load: ServerState.load.
 """
