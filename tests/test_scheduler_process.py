@@ -135,3 +135,20 @@ def test_the_server_answers_503_once_its_scheduler_process_is_gone():
         answer = httpx.post(f"{url}/v1/completions", json=dict(prompt="abc", max_tokens=3), timeout=30)
         assert answer.status_code == 503 and "stopped unexpectedly" in answer.json()["error"]["message"]
         assert httpx.get(f"{url}/health").json()["status"].startswith("unavailable: the scheduler's process stopped")
+
+
+def test_a_server_whose_scheduler_process_cannot_start_runs_it_in_its_own(monkeypatch, capsys):
+    from scratchgpt import server
+    from scratchgpt.tokenizer import CharTokenizer
+
+    def no_shared_memory(*args, **kwargs):
+        raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(server, "SchedulerProcess", no_shared_memory)
+    app = server.create_app(make_model(), CharTokenizer(list("abcdefghijklm")), "t",
+                            batching=server.BatchingLimits(own_process=True))
+    try:
+        assert isinstance(app.state.server.scheduler, Scheduler)
+        assert "No space left on device" in capsys.readouterr().err
+    finally:
+        app.state.server.close()

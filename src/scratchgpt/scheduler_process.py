@@ -17,6 +17,9 @@ SIGTERM: the server drains its requests first, then closes the pipe, and the chi
 
 The server decides at once whether a request is accepted (ServerBusy, a 429, when the slots and
 the waiting line are full), keeping the same count of running and waiting requests as the child.
+
+As with any "spawn" child, the child imports the program's main module again: a script that
+starts one should keep its own work under `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations

@@ -292,8 +292,7 @@ class ServerState:
         limits = batching or BatchingLimits()
         scheduler = None
         if isinstance(model, GPT):
-            kind = SchedulerProcess if limits.own_process else Scheduler
-            scheduler = kind(model, limits.slots, limits.max_waiting, limits.request_timeout)
+            scheduler = _scheduler_for(model, limits)
         return cls(model, tokenizer, model_name, model_config, max_tokens_cap, max_logprobs,
                    max_prompt_tokens=max_prompt_tokens, scheduler=scheduler)
 
@@ -323,6 +322,17 @@ class BatchingLimits:
     max_waiting: int = DEFAULT_MAX_WAITING
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     own_process: bool = False
+
+
+def _scheduler_for(model: torch.nn.Module, limits: BatchingLimits) -> Scheduler | SchedulerProcess:
+    """The model's scheduler: in a process of its own if asked and possible, else in this one."""
+    if limits.own_process:
+        try:
+            return SchedulerProcess(model, limits.slots, limits.max_waiting, limits.request_timeout)
+        except (OSError, RuntimeError, ScratchGPTError) as exc:  # e.g. too little shared memory (/dev/shm) in a container
+            print(f"scratchgpt serve: note: the model's own process did not start ({exc}); running it in the "
+                  "server's process instead (slower with many clients)", file=sys.stderr, flush=True)
+    return Scheduler(model, limits.slots, limits.max_waiting, limits.request_timeout)
 
 
 def server_state(request: Request) -> ServerState:
