@@ -152,3 +152,22 @@ def test_a_server_whose_scheduler_process_cannot_start_runs_it_in_its_own(monkey
         assert "No space left on device" in capsys.readouterr().err
     finally:
         app.state.server.close()
+
+
+def test_a_program_that_never_closes_its_scheduler_process_still_exits(tmp_path):
+    """At exit the child is closed through its pipe (it ignores SIGTERM, which multiprocessing would send, then wait)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave_it_open.py"
+    script.write_text(
+        "import torch\n"
+        "from scratchgpt.build import build_model\n"
+        "from scratchgpt.config import ModelConfig\n"
+        "from scratchgpt.scheduler_process import SchedulerProcess\n"
+        "if __name__ == '__main__':\n"
+        "    model = build_model(ModelConfig(vocab_size=5, block_size=8, n_layer=1, n_head=1, n_embd=8))\n"
+        "    scheduler = SchedulerProcess(model, slots=2)\n"
+        "    print(len(list(scheduler.decode(torch.tensor([[1, 2]]), 3))))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr

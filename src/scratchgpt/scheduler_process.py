@@ -24,6 +24,7 @@ starts one should keep its own work under `if __name__ == "__main__":`.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import itertools
@@ -86,6 +87,8 @@ class SchedulerProcess:
         self._stopped: str | None = None  # why the child is gone, once it is
         self._receiver = threading.Thread(target=self._receive, name="scratchgpt-scheduler-reader", daemon=True)
         self._receiver.start()
+        # Closed at exit before multiprocessing's own hook, which would send the child a SIGTERM it ignores and wait.
+        atexit.register(self.close)
 
     # --- what callers use (the Scheduler's interface) -------------------------------------------
 
@@ -129,6 +132,7 @@ class SchedulerProcess:
 
     def close(self) -> None:
         """End the child: running and waiting requests end where they are."""
+        atexit.unregister(self.close)
         with self._lock:
             if self._stopped is None:
                 self._stopped = "the server is shutting down"

@@ -680,6 +680,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has drained too, then raised SIGINT again
         pass
     finally:
+        app.state.server.close()  # the lifespan has closed it after a drain; not if uvicorn never started
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     if not server.started:
