@@ -46,8 +46,8 @@ def run(scheduler: Scheduler, idx: torch.Tensor, n_new: int, seed: int, **kw) ->
 def run_together(scheduler: Scheduler, jobs: list[dict]) -> list[list[list[int]]]:
     """Submit every job at once, read them in threads; each job's steps, in order."""
     results: list = [None] * len(jobs)
-    iterators = [scheduler.decode(j["idx"], j["n_new"], temperature=1.0, generator=torch.Generator().manual_seed(j["seed"]),
-                                  **j.get("kw", {})) for j in jobs]
+    iterators = [scheduler.decode(j["idx"], j["n_new"], generator=torch.Generator().manual_seed(j["seed"]),
+                                  **{"temperature": 1.0, **j.get("kw", {})}) for j in jobs]
 
     def read(i):
         results[i] = [step.ids.tolist() for step in iterators[i]]

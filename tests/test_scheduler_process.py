@@ -8,36 +8,19 @@ import time
 
 import pytest
 import torch
-from test_batching import OPTIONS, make_model, prompt
+from test_batching import OPTIONS, make_model, prompt, run_together
 
 from scratchgpt.batching import Scheduler, SchedulerStopped, ServerBusy
 from scratchgpt.errors import ScratchGPTError
 from scratchgpt.scheduler_process import SchedulerProcess
 
-JOBS = [  # (prompt seed, prompt length, new tokens, generator seed, settings)
-    (1, 5, 40, 7, {"num_samples": 2}),
-    (2, 3, 25, 8, {"temperature": 0.7}),
-    (3, 9, 30, 9, {"top_k": 4, "repetition_penalty": 1.3}),
-    (4, 1, 20, 10, {"top_p": 0.8, "num_samples": 3}),
-    (5, 4, 15, 11, {"temperature": 0}),
+JOBS = [  # prompts of several lengths, each with its own seed and settings
+    dict(idx=prompt(1, 5), n_new=40, seed=7, kw={"num_samples": 2}),
+    dict(idx=prompt(2, 3), n_new=25, seed=8, kw={"temperature": 0.7}),
+    dict(idx=prompt(3, 9), n_new=30, seed=9, kw={"top_k": 4, "repetition_penalty": 1.3}),
+    dict(idx=prompt(4, 1), n_new=20, seed=10, kw={"top_p": 0.8, "num_samples": 3}),
+    dict(idx=prompt(5, 4), n_new=15, seed=11, kw={"temperature": 0}),
 ]
-
-
-def run_jobs(scheduler) -> list[list[list[int]]]:
-    """Submit every job at once, read them in threads: each job's token ids, step by step."""
-    readers = [scheduler.decode(prompt(p, length), n_new, generator=torch.Generator().manual_seed(seed), **kw)
-               for p, length, n_new, seed, kw in JOBS]
-    results: list = [None] * len(readers)
-
-    def read(i):
-        results[i] = [step.ids.tolist() for step in readers[i]]
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(readers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return results
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
@@ -45,9 +28,9 @@ def test_the_child_draws_the_tokens_the_in_process_scheduler_draws(options):
     model = make_model(**options)
     here, there = Scheduler(model, slots=8), SchedulerProcess(model, slots=8)
     try:
-        expected = run_jobs(here)
-        assert run_jobs(there) == expected
-        assert [len(steps) for steps in expected] == [job[2] for job in JOBS]
+        expected = run_together(here, JOBS)
+        assert run_together(there, JOBS) == expected
+        assert [len(steps) for steps in expected] == [job["n_new"] for job in JOBS]
     finally:
         here.close()
         there.close()

@@ -36,6 +36,7 @@ import threading
 import torch
 import torch.multiprocessing as mp
 
+from . import device
 from .batching import (
     DEFAULT_MAX_WAITING,
     DEFAULT_REQUEST_TIMEOUT,
@@ -47,7 +48,6 @@ from .batching import (
     ServerBusy,
     StepReader,
 )
-from . import device
 from .device import governed
 from .engine import SamplingError, Step
 from .errors import ScratchGPTError
@@ -175,6 +175,7 @@ class SchedulerProcess:
                     self._end(request)
                 else:
                     request.send(item if isinstance(item, BaseException) else _step(item))
+        self._process.join(timeout=1)  # so that its exit code is known
         with self._lock:
             if self._stopped is None:
                 self._stopped = f"the scheduler's process stopped unexpectedly (exit code {self._process.exitcode})"
