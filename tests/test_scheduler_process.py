@@ -154,3 +154,15 @@ def test_a_program_that_never_closes_its_scheduler_process_still_exits(tmp_path)
         "    print(len(list(scheduler.decode(torch.tensor([[1, 2]]), 3))))\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr
+
+
+def test_a_child_that_dies_while_starting_is_a_clear_error(monkeypatch):
+    from scratchgpt import scheduler_process
+
+    monkeypatch.setattr(scheduler_process, "_child", _die_at_once)
+    with pytest.raises(ScratchGPTError, match=r"exited while starting \(exit code 3\)"):
+        SchedulerProcess(make_model(), slots=2)
+
+
+def _die_at_once(*args) -> None:
+    raise SystemExit(3)

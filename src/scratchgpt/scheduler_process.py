@@ -75,7 +75,12 @@ class SchedulerProcess:
                                               governor_most, child_end))
         self._process.start()
         child_end.close()
-        if not self._conn.poll(START_TIMEOUT_S) or self._conn.recv() != "ready":
+        try:
+            ready = self._conn.poll(START_TIMEOUT_S) and self._conn.recv() == "ready"
+        except (EOFError, OSError):  # it died while starting (say, the model could not reach it)
+            self._process.join(timeout=5)
+            raise ScratchGPTError(f"the scheduler's process exited while starting (exit code {self._process.exitcode})") from None
+        if not ready:
             self._process.kill()
             raise ScratchGPTError(f"the scheduler's process did not start within {START_TIMEOUT_S:.0f} s")
         self._lock = threading.Lock()  # guards what follows, and sends on the pipe
