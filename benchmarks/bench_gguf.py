@@ -35,8 +35,8 @@ def measure(checkpoint: str, data: str, dtype: str, windows: int, tokens: int, r
     import llama_cpp
 
     from scratchgpt.checkpoint import load_checkpoint
-    from scratchgpt.engine import decode
-    from scratchgpt.gguf_export import export_gguf
+    from scratchgpt.interop.gguf import export_gguf
+    from scratchgpt.sample import generate
 
     model, tokenizer, config, _ = load_checkpoint(checkpoint)
     block = config.model.block_size
@@ -60,10 +60,9 @@ def measure(checkpoint: str, data: str, dtype: str, windows: int, tokens: int, r
 
         prompt = tokenizer.encode("ROMEO:")
         n_new = min(tokens, block - len(prompt))
-        with torch.no_grad():
-            steps = list(decode(model, torch.tensor([prompt]), n_new, temperature=0))
-        ours_ids = [int(s.ids[0]) for s in steps]
-        smallest_top = min(float(s.logits[0].max()) for s in steps)
+        ours_ids = [int(ids[0]) for ids in generate(model, torch.tensor([prompt]), n_new, temperature=0)]
+        with torch.no_grad():  # the largest logit at each greedy step: how far from a tie the choices were
+            smallest_top = float(model(torch.tensor([prompt + ours_ids[:-1]]))[0][0, len(prompt) - 1:].max(-1).values.min())
         theirs_ids = []
         for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
             if token == llm.token_eos() or len(theirs_ids) == n_new:
@@ -74,7 +73,7 @@ def measure(checkpoint: str, data: str, dtype: str, windows: int, tokens: int, r
         ours_s, theirs_s = [], []
         for _ in range(repeats):
             t = time.perf_counter()
-            list(decode(model, torch.tensor([prompt]), n_new, temperature=0))
+            list(generate(model, torch.tensor([prompt]), n_new, temperature=0))
             ours_s.append(time.perf_counter() - t)
             t = time.perf_counter()
             n = 0

@@ -25,10 +25,10 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from scratchgpt.bench import bench_train
 from scratchgpt.config import config_from_preset
 from scratchgpt.errors import ScratchGPTError
 from scratchgpt.model import build_model
+from scratchgpt.speed.bench import bench_train
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 Layouts = tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (shape, stride) of each tensor argument

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from scratchgpt.kernels import row_blocks, rows_times_weight
+from scratchgpt.speed.kernels import row_blocks, rows_times_weight
 
 
 def main() -> None:

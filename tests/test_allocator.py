@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from scratchgpt import allocator, cli
+from scratchgpt import cli
+from scratchgpt.speed import allocator
 
 glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                 reason="glibc's malloc on Linux")
@@ -17,7 +18,7 @@ glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or platform
 # (reused from one step to the next) rather than in a mapping of its own (unmapped when freed).
 PROBE = textwrap.dedent("""
     import ctypes, sys
-    from scratchgpt.allocator import keep_freed_memory
+    from scratchgpt.speed.allocator import keep_freed_memory
     kept = keep_freed_memory() if sys.argv[1] == "keep" else None
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p

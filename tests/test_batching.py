@@ -1,4 +1,5 @@
-"""Continuous batching (batching.py): a request gets the same tokens alone or beside others, token for token."""
+"""Continuous batching: the server's scheduler steps the one engine for every running request; a
+request's text is the same alone, beside others, and from `stream_completion` in the caller's thread."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import time
 import pytest
 import torch
 
-from scratchgpt.batching import Scheduler, ServerBusy
 from scratchgpt.build import build_model
 from scratchgpt.config import ModelConfig
-from scratchgpt.engine import SamplingSettings, decode, stream_completion
-from scratchgpt.kv_cache import KVCache, SlotCache
+from scratchgpt.inference.engine import SamplingError, SamplingSettings, stream_completion
+from scratchgpt.serving.scheduler import Scheduler, ServerBusy
 from scratchgpt.tokenizer import CharTokenizer
 
 VOCAB = 13
+TOKENIZER = CharTokenizer(list("abcdefghijklm"))  # one character per id: the same text means the same ids
 OPTIONS = {
     "gpt2": {},
     "rope-rmsnorm-qknorm-swiglu": dict(position="rope", norm="rmsnorm", qk_norm=True, activation="swiglu"),
@@ -33,24 +34,30 @@ def make_model(block_size: int = 16, **options) -> torch.nn.Module:
     return model
 
 
-def prompt(seed: int, length: int) -> torch.Tensor:
-    return torch.randint(VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+def prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def run(scheduler: Scheduler, idx: torch.Tensor, n_new: int, seed: int, **kw) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    steps = scheduler.decode(idx, n_new, temperature=kw.pop("temperature", 1.0), generator=generator, **kw)
-    return [step.ids.tolist() for step in steps]
+def settings(n_new: int, seed: int, **kw) -> SamplingSettings:
+    return SamplingSettings(max_new_tokens=n_new, seed=seed, **{"temperature": 1.0, **kw})
 
 
-def run_together(scheduler: Scheduler, jobs: list[dict]) -> list[list[list[int]]]:
-    """Submit every job at once, read them in threads; each job's steps, in order."""
+def texts_of(steps) -> dict[int, str]:
+    """Each sample's whole text from a stream of chunk lists."""
+    out: dict[int, str] = {}
+    for chunks in steps:
+        for c in chunks:
+            out[c.index] = out.get(c.index, "") + c.text
+    return out
+
+
+def run_together(scheduler: Scheduler, jobs: list[dict]) -> list[dict[int, str]]:
+    """Submit every job at once, read them in threads; each job's texts per sample."""
     results: list = [None] * len(jobs)
-    iterators = [scheduler.decode(j["idx"], j["n_new"], generator=torch.Generator().manual_seed(j["seed"]),
-                                  **{"temperature": 1.0, **j.get("kw", {})}) for j in jobs]
+    streams = [scheduler.submit(j["ids"], settings(j["n_new"], j["seed"], **j.get("kw", {}))) for j in jobs]
 
     def read(i):
-        results[i] = [step.ids.tolist() for step in iterators[i]]
+        results[i] = texts_of(streams[i])
 
     threads = [threading.Thread(target=read, args=(i,)) for i in range(len(jobs))]
     for t in threads:
@@ -60,96 +67,93 @@ def run_together(scheduler: Scheduler, jobs: list[dict]) -> list[list[list[int]]
     return results
 
 
+def solo(model, ids: list[int], n_new: int, seed: int, **kw) -> dict[int, str]:
+    """The same request decoded alone in the caller's thread (the CLI's and generate_text's path)."""
+    return texts_of(stream_completion(model, TOKENIZER, TOKENIZER.decode(ids), settings(n_new, seed, **kw)))
+
+
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("others", [1, 3, 15])
-def test_a_request_gets_the_same_tokens_alone_and_beside_others(options, others):
+def test_a_request_gets_the_same_text_alone_and_beside_others(options, others):
     """40 tokens from a 16-token context (two window jumps), n=2, beside requests of other lengths, prompts, n."""
     model = make_model(**options)
-    scheduler = Scheduler(model, slots=16, max_waiting=64)
+    scheduler = Scheduler(model, TOKENIZER, slots=16, max_waiting=64)
     try:
-        target = dict(idx=prompt(1, 5), n_new=40, seed=7, kw={"num_samples": 2})
+        target = dict(ids=prompt(1, 5), n_new=40, seed=7, kw={"num_samples": 2})
         alone = run_together(scheduler, [target])[0]
-        crowd = [dict(idx=prompt(100 + i, 3 + i % 11), n_new=10 + 7 * i % 45, seed=i) for i in range(others)]
+        crowd = [dict(ids=prompt(100 + i, 3 + i % 11), n_new=10 + 7 * i % 45, seed=i,
+                      kw=dict(top_k=3) if i % 3 == 1 else dict(repetition_penalty=1.5) if i % 3 == 2 else {})
+                 for i in range(others)]
         together = run_together(scheduler, crowd[: others // 2] + [target] + crowd[others // 2:])
-        assert together[others // 2] == alone
-        assert len(alone) == 40 and all(len(ids) == 2 for ids in alone)
-    finally:
-        scheduler.close()
-
-
-@pytest.mark.parametrize("n", [1, 3])
-def test_plain_requests_draw_what_multinomial_draws_from_their_logits(n):
-    """The batched draw (argmax(probs / Exp(1)), batching._batched_step) is torch.multinomial's, generator state and all."""
-    model = make_model()
-    scheduler = Scheduler(model, slots=8)
-    try:
-        others = [scheduler.decode(prompt(60 + i, 4), 30, temperature=0.7, generator=torch.Generator().manual_seed(i))
-                  for i in range(3)]
-        steps = list(scheduler.decode(prompt(2, 5), 30, temperature=0.7, num_samples=n,
-                                      generator=torch.Generator().manual_seed(11)))
-        for other in others:
-            list(other)
-        replay = torch.Generator().manual_seed(11)
-        for step in steps:
-            probs = torch.softmax(step.logits.float() / 0.7, dim=-1)
-            assert step.ids.tolist() == torch.multinomial(probs, 1, generator=replay).squeeze(-1).tolist()
-        assert len(steps) == 30
+        assert together[others // 2] == alone == solo(model, target["ids"], 40, 7, num_samples=2)
+        assert [len(alone[i]) for i in (0, 1)] == [40, 40]
     finally:
         scheduler.close()
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-def test_greedy_batched_text_equals_the_engines_through_window_jumps(options):
-    """The scheduler's positions, masks and window jumps reproduce engine.decode's greedy text."""
+def test_greedy_batched_text_equals_the_naive_reference_through_window_jumps(options):
+    from scratchgpt.sample import generate_naive
+
     model = make_model(**options)
     with torch.no_grad():
         model.lm_head.weight.mul_(3)  # decisive: kernel differences cannot flip a choice
-    idx = prompt(3, 6)
-    reference = [s.ids.tolist() for s in decode(model, idx, 45, temperature=0)]
-    scheduler = Scheduler(model, slots=4)
+    ids = prompt(3, 6)
+    reference = TOKENIZER.decode([int(t[0]) for t in generate_naive(model, torch.tensor([ids]), 45, temperature=0)])
+    scheduler = Scheduler(model, TOKENIZER, slots=4)
     try:
-        busy = scheduler.decode(prompt(4, 9), 45, temperature=1.0, generator=torch.Generator().manual_seed(1))
-        assert run(scheduler, idx, 45, seed=0, temperature=0) == reference
+        busy = scheduler.submit(prompt(4, 9), settings(45, 1))
+        assert run_together(scheduler, [dict(ids=ids, n_new=45, seed=0, kw=dict(temperature=0))])[0] == {0: reference}
         list(busy)
     finally:
         scheduler.close()
 
 
-def test_stop_strings_and_samples_through_stream_completion_match_a_solo_run():
-    tok = CharTokenizer(list("abcdefghijklm"))
+def test_stop_strings_and_samples_match_a_solo_run():
     model = make_model()
-    scheduler = Scheduler(model, slots=8)
-    settings = SamplingSettings(max_new_tokens=30, temperature=1.0, stop=["ab", "k"], num_samples=3, seed=5)
+    scheduler = Scheduler(model, TOKENIZER, slots=8)
+    kw = dict(stop=["ab", "k"], num_samples=3)
     try:
-        def texts():
-            out = {}
-            for chunks in stream_completion(model, tok, "defgh", settings, decoder=scheduler.decode):
-                for c in chunks:
-                    out[c.index] = out.get(c.index, "") + c.text
-            return out
-
-        alone = texts()
-        noise = [scheduler.decode(prompt(50 + i, 4), 25, generator=torch.Generator().manual_seed(i)) for i in range(5)]
-        beside = texts()
-        for steps in noise:
-            list(steps)
+        alone = solo(model, TOKENIZER.encode("defgh"), 30, 5, **kw)
+        noise = [scheduler.submit(prompt(50 + i, 4), settings(25, i)) for i in range(5)]
+        beside = run_together(scheduler, [dict(ids=TOKENIZER.encode("defgh"), n_new=30, seed=5, kw=kw)])[0]
+        for stream in noise:
+            list(stream)
         assert alone == beside and set(alone) == {0, 1, 2}
+    finally:
+        scheduler.close()
+
+
+def test_a_stream_survives_neighbours_whose_arithmetic_breaks():
+    """Settings that overflow into NaN (past validation) fail their own request; the others go on untouched."""
+    model = make_model()
+    scheduler = Scheduler(model, TOKENIZER, slots=8)
+    try:
+        target = dict(ids=prompt(1, 5), n_new=30, seed=7)
+        alone = run_together(scheduler, [target])[0]
+        broken = [scheduler.submit(prompt(9, 4), settings(30, i, repetition_penalty=1e-40, top_k=2)) for i in range(3)]
+        beside = run_together(scheduler, [target])[0]
+        for stream in broken:
+            with pytest.raises(SamplingError, match="overflowed"):
+                list(stream)
+        assert beside == alone and len(alone[0]) == 30
+        assert scheduler.load()["running"] == 0
     finally:
         scheduler.close()
 
 
 def test_a_full_line_is_refused_and_a_reader_that_leaves_frees_its_slot():
     model = make_model()
-    scheduler = Scheduler(model, slots=1, max_waiting=1)
+    scheduler = Scheduler(model, TOKENIZER, slots=1, max_waiting=1)
     try:
-        first = scheduler.decode(prompt(1, 3), 10_000, generator=torch.Generator().manual_seed(0))
+        first = scheduler.submit(prompt(1, 3), settings(10_000, 0))
         next(first)  # running in the only slot
-        second = scheduler.decode(prompt(2, 3), 5, generator=torch.Generator().manual_seed(0))  # waits
+        second = scheduler.submit(prompt(2, 3), settings(5, 0))  # waits
         with pytest.raises(ServerBusy) as busy:
-            scheduler.decode(prompt(3, 3), 5)
+            scheduler.submit(prompt(3, 3), settings(5, 0))
         assert busy.value.retry_after >= 1
         first.close()  # the client went away
-        assert len(list(second)) == 5  # so the waiting request got the slot
+        assert len(texts_of(second)[0]) == 5  # so the waiting request got the slot
         deadline = time.monotonic() + 5
         while scheduler.load()["running"] and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -158,39 +162,35 @@ def test_a_full_line_is_refused_and_a_reader_that_leaves_frees_its_slot():
         scheduler.close()
 
 
-def test_a_request_past_its_time_limit_ends():
+def test_a_request_past_its_time_limit_ends_with_its_text_so_far():
     model = make_model()
-    scheduler = Scheduler(model, slots=2, request_timeout=0.2)
+    scheduler = Scheduler(model, TOKENIZER, slots=2, request_timeout=0.2)
     try:
-        steps = list(scheduler.decode(prompt(1, 3), 1_000_000, generator=torch.Generator().manual_seed(0)))
-        assert 0 < len(steps) < 1_000_000
+        chunks = [c for step in scheduler.submit(prompt(1, 3), settings(1_000_000, 0)) for c in step]
+        assert 0 < len("".join(c.text for c in chunks)) < 1_000_000 and chunks[-1].finish_reason == "length"
     finally:
         scheduler.close()
 
 
-def test_slot_cache_masks_each_row_by_its_own_length():
-    cache = SlotCache(n_layer=1, slots=3, n_head=1, block_size=4, head_size=2)
-    source = KVCache(1, 1, 1, 4, 2)
-    source.keys[0, 0, 0, :2] = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
-    source.length = 2
-    cache.load(1, source)
-    cache.prepare_step(torch.tensor([False, True, True]))
-    assert cache.length.flatten().tolist() == [0, 2, 0]
-    mask = cache.attention_mask[:, 0, 0].tolist()
-    assert mask == [[False, False, False, False, True],  # idle: its scratch position only
-                    [True, True, True, False, False],  # two cached keys and the new one
-                    [True, False, False, False, False]]  # an empty slot: the new key only
-    keys, _ = cache.update(0, torch.full((3, 1, 1, 2), 9.0), torch.zeros(3, 1, 1, 2))
-    assert keys[1, 0, :3, 0].tolist() == [1.0, 2.0, 9.0] and keys[0, 0, 4, 0] == 9.0
-    cache.advance(1)
-    assert cache.lengths.tolist() == [0, 3, 1]
+def test_a_dead_scheduler_thread_says_so_and_ends_its_readers():
+    model = make_model()
+    scheduler = Scheduler(model, TOKENIZER, slots=2)
+    try:
+        stream = scheduler.submit(prompt(1, 3), settings(1_000_000, 0))
+        next(stream)
+        scheduler._runner.send(("no_such_command",))  # the loop itself fails
+        with pytest.raises(Exception, match="stopped unexpectedly"):
+            list(stream)
+        assert "stopped unexpectedly" in scheduler.stopped
+    finally:
+        scheduler.close()
 
 
 def test_the_server_answers_429_when_full_and_a_client_that_leaves_frees_its_slot():
     import httpx
     from serving import running_server
 
-    from scratchgpt.server import BatchingLimits, create_app
+    from scratchgpt.serving.server import BatchingLimits, create_app
 
     tok = CharTokenizer(list("abcdefghijklm"))
     app = create_app(make_model(), tok, "t", max_tokens_cap=100_000, batching=BatchingLimits(slots=1, max_waiting=0))

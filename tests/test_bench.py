@@ -6,11 +6,11 @@ from dataclasses import asdict
 import torch
 from conftest import TINY_MODEL_FLAGS, tiny_config
 
-from scratchgpt.bench import baseline_config
 from scratchgpt.cli import main
 from scratchgpt.config import config_from_preset
 from scratchgpt.device import cpu_supports_bf16
 from scratchgpt.optim import configure_optimizer
+from scratchgpt.speed.bench import baseline_config
 from scratchgpt.train import train
 
 TINY = TINY_MODEL_FLAGS

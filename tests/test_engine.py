@@ -1,7 +1,6 @@
-"""The generation engine: the KV cache against full forward passes, cached decoding against the
-naive reference, batches from one prefill, the context window, stop strings and streamed text."""
-
-import threading
+"""The decoding engine: the KV cache against full forward passes, the engine against the naive
+reference, samples from one prefill, the context window, failures that stay per request, stop
+strings and incremental text."""
 
 import pytest
 import torch
@@ -9,19 +8,21 @@ from conftest import sharpen
 
 from scratchgpt.build import build_model
 from scratchgpt.config import ModelConfig
-from scratchgpt.engine import (
+from scratchgpt.filters import sample_next
+from scratchgpt.inference.cache import KVCache
+from scratchgpt.inference.engine import (
+    Engine,
+    Request,
     SamplingError,
     SamplingSettings,
-    TextStream,
-    decode,
     default_keep,
-    find_stop,
-    partial_stop_length,
+    run,
     stream_completion,
     window_start,
 )
-from scratchgpt.kv_cache import KVCache
+from scratchgpt.inference.text import TextStream, find_stop, partial_stop_length
 from scratchgpt.model import GPT, Bigram
+from scratchgpt.sample import generate, generate_naive
 from scratchgpt.tokenizer import CharTokenizer
 
 VOCAB = 13
@@ -42,7 +43,17 @@ def make_gpt(block_size: int = 16, seed: int = 0, **options) -> GPT:
 
 
 def greedy(model, prompt, n, **kw) -> list[int]:
-    return [int(s.ids[0]) for s in decode(model, prompt, n, temperature=0, **kw)]
+    return [int(ids[0]) for ids in generate(model, prompt, n, temperature=0, **kw)]
+
+
+def naive_greedy(model, prompt, n, **kw) -> list[int]:
+    return [int(ids[0]) for ids in generate_naive(model, prompt, n, temperature=0, **kw)]
+
+
+def engine_tokens(model, prompt: list[int], settings: SamplingSettings, seed: int, keep=None) -> list[list[int]]:
+    """Each step's ids of one request decoded alone."""
+    request = Request(prompt, settings, torch.Generator().manual_seed(seed))
+    return [output.ids for output in run(model, request, keep=keep)]
 
 
 @pytest.mark.parametrize("options", [*OPTIONS.values(), dict(tie_weights=True)], ids=[*OPTIONS.keys(), "tied"])
@@ -50,26 +61,45 @@ def test_cached_logits_equal_a_full_forward_pass(options):
     model = make_gpt(**options)
     idx = torch.randint(VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
     full, _ = model(idx)  # (3, 16, V)
-    cache = KVCache.for_model(model, batch_size=3)
-    pieces = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:8], cache=cache)[0]]  # a prefill, then a chunk of 3
-    pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 16)]  # then one token at a time
-    assert cache.length == 16
+    cache = KVCache.for_model(model, rows=3)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        cache.prefill(rows, 5)
+        pieces = [model(idx[:, :5], cache=cache)[0]]  # a prefill of 5 positions
+        cache.advance()
+        for t in range(5, 16):  # then one token at a time, every row at its own position
+            cache.decode(torch.ones(3, dtype=torch.bool))
+            pieces.append(model(idx[:, t:t + 1], cache=cache)[0])
+            cache.advance()
+    assert cache.lengths.tolist() == [16, 16, 16]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="longer than block_size"):
-        model(idx[:, :1], cache=cache)  # the cache is full
+
+
+def test_rows_of_different_lengths_and_idle_rows_do_not_mix():
+    model = make_gpt(position="rope")
+    a, b = [1, 2, 3, 4, 5, 6], [7, 8]
+    cache = KVCache.for_model(model, rows=3)  # row 2 stays idle throughout
+    with torch.no_grad():
+        for row, ids in ((0, a[:-1]), (1, b[:-1])):
+            cache.prefill(torch.tensor([row]), len(ids))
+            model(torch.tensor([ids]), cache=cache)
+            cache.advance()
+        cache.decode(torch.tensor([True, True, False]))
+        logits = model(torch.tensor([[a[-1]], [b[-1]], [0]]), cache=cache)[0][:, -1]
+        cache.advance()
+    assert cache.lengths.tolist() == [6, 2, 0]
+    torch.testing.assert_close(logits[0], model(torch.tensor([a]))[0][0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], model(torch.tensor([b]))[0][0, -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-def test_greedy_cached_equals_naive_within_and_past_block_size(options):
+def test_greedy_engine_equals_the_naive_reference_within_and_past_block_size(options):
     model = make_gpt(**options)
     for prompt in (torch.tensor([[1, 2, 3]]), torch.randint(VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))):
         # 60 new tokens through a 16-token window: several jumps; the second prompt is longer than the window
-        cached = list(decode(model, prompt, 60, temperature=0))
-        naive = list(decode(model, prompt, 60, temperature=0, use_cache=False))
-        assert [int(s.ids[0]) for s in cached] == [int(s.ids[0]) for s in naive]
-        for a, b in zip(cached, naive, strict=True):  # not only the same choices: the same distributions
-            torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
-        assert len({int(s.ids[0]) for s in cached}) >= 3  # not a degenerate constant sequence
+        engine = greedy(model, prompt, 60)
+        assert engine == naive_greedy(model, prompt, 60)
+        assert len(set(engine)) >= 3  # not a degenerate constant sequence
 
 
 def textbook_sliding_window(model, prompt, n) -> list[int]:
@@ -85,10 +115,11 @@ def textbook_sliding_window(model, prompt, n) -> list[int]:
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_keep_block_size_is_the_textbook_sliding_window(position):
     model = make_gpt(position=position)
-    prompt = torch.tensor([[4, 5]])
-    expected = textbook_sliding_window(model, prompt, 40)
-    assert greedy(model, prompt, 40, keep=16) == expected
-    assert greedy(model, prompt, 40, keep=16, use_cache=False) == expected
+    prompt = [4, 5]
+    expected = textbook_sliding_window(model, torch.tensor([prompt]), 40)
+    steps = engine_tokens(model, prompt, SamplingSettings(max_new_tokens=40, temperature=0), seed=0, keep=16)
+    assert [ids[0] for ids in steps] == expected
+    assert naive_greedy(model, torch.tensor([prompt]), 40, keep=16) == expected
 
 
 def test_window_start_by_hand():
@@ -101,86 +132,89 @@ def test_window_start_by_hand():
     assert default_keep(256) == 192 and default_keep(1) == 1
 
 
-def test_cached_path_prefills_once_per_window_jump():
+def test_the_engine_prefills_once_per_window_jump():
     model = make_gpt(block_size=8)
     seen = []
     model.transformer.wte.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
-    list(decode(model, torch.tensor([[1, 2, 3]]), 10, temperature=0))
+    greedy(model, torch.tensor([[1, 2, 3]]), 10)
     # prefill 3; one per step up to 8 tokens; at 9 the window jumps to the last 6 (keep) and is
     # prefilled again; one per step up to 8 again; at 12 the next jump
     assert seen == [(1, 3)] + [(1, 1)] * 5 + [(1, 6)] + [(1, 1)] * 2 + [(1, 6)]
 
 
-def test_bigram_needs_no_cache_and_agrees_with_naive():
+def test_the_bigram_takes_the_same_path_and_agrees_with_the_reference():
     torch.manual_seed(0)
     model = Bigram(ModelConfig(model_type="bigram", vocab_size=VOCAB, block_size=8)).eval()
     with torch.no_grad():
         model.logits_table.weight.mul_(100)
     prompt = torch.tensor([[0, 1]])
-    assert greedy(model, prompt, 30) == greedy(model, prompt, 30, use_cache=False)
+    assert greedy(model, prompt, 30) == naive_greedy(model, prompt, 30)  # 30 tokens: window jumps too
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    a = [int(s.ids[0]) for s in decode(model, prompt, 30, generator=g1)]
-    assert a == [int(s.ids[0]) for s in decode(model, prompt, 30, generator=g2, use_cache=False)]
+    a = [int(ids[0]) for ids in generate(model, prompt, 30, generator=g1)]
+    assert a == [int(ids[0]) for ids in generate_naive(model, prompt, 30, generator=g2)]
 
 
-def test_sampling_with_filters_is_the_same_with_and_without_cache():
+@pytest.mark.parametrize("settings", [dict(temperature=0.9, top_k=8, top_p=0.95, repetition_penalty=1.3),
+                                      dict(temperature=0.7), dict(temperature=1.3, top_p=0.5)],
+                         ids=["filters", "plain", "top-p"])
+def test_the_engines_draw_is_the_references_bit_for_bit(settings):
     model = make_gpt(position="rope", qk_norm=True)
-    prompt = torch.tensor([[1]])
-
-    def run(use_cache):
-        g = torch.Generator().manual_seed(11)
-        steps = decode(model, prompt, 50, temperature=0.9, top_k=8, top_p=0.95, repetition_penalty=1.3,
-                       generator=g, use_cache=use_cache)
-        return [int(s.ids[0]) for s in steps]
-
-    assert run(True) == run(False)
+    prompt = torch.tensor([[1]]).expand(3, -1)  # three samples: the race fills their rows from one generator
+    ours = [ids.tolist() for ids in generate(model, prompt, 50, generator=torch.Generator().manual_seed(11), **settings)]
+    reference = [ids.tolist() for ids in generate_naive(model, prompt, 50, generator=torch.Generator().manual_seed(11),
+                                                        **settings)]
+    assert ours == reference
 
 
-def test_batch_of_samples_from_one_prefill():
+def test_the_race_is_multinomial():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    expected = sample_next(logits, 0.8, generator=torch.Generator().manual_seed(1))
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    noise = torch.empty_like(probs).exponential_(1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal((probs / noise).argmax(-1), expected)
+
+
+def test_samples_from_one_prefill():
     model = make_gpt()
-    prompt = torch.tensor([[1, 2, 3, 4]])
+    prompt = [1, 2, 3, 4]
     shapes = []
     model.transformer.wte.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
-    steps = list(decode(model, prompt, 10, num_samples=4, generator=torch.Generator().manual_seed(0)))
+    steps = engine_tokens(model, prompt, SamplingSettings(max_new_tokens=10, num_samples=4), seed=0)
     assert shapes[0] == (1, 4) and set(shapes[1:]) == {(4, 1)}  # one prefill, then the batch of 4
-    rows = torch.stack([s.ids for s in steps], dim=1)  # (4, 10)
+    rows = torch.tensor(steps).T  # (4, 10)
     assert len({tuple(r.tolist()) for r in rows}) > 1  # the samples differ
-    # every row's logits are those of a full forward pass over that row's own text
-    texts = torch.cat([prompt.expand(4, -1), rows], dim=1)  # (4, 14)
-    full, _ = model(texts[:, :-1])
-    for t, step in enumerate(steps):
-        torch.testing.assert_close(step.logits, full[:, 3 + t], atol=1e-5, rtol=1e-5)
-    # greedy: every sample is the single greedy continuation
-    batch = torch.stack([s.ids for s in decode(model, prompt, 10, temperature=0, num_samples=3)], dim=1)
-    assert all(row.tolist() == greedy(model, prompt, 10) for row in batch)
+    # the same as the reference drawing 4 samples of the same prompt from the same seed
+    reference = generate_naive(model, torch.tensor([prompt]).expand(4, -1), 10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.stack(list(reference), dim=1), rows)
+    greedy_rows = engine_tokens(model, prompt, SamplingSettings(max_new_tokens=10, temperature=0, num_samples=3), seed=0)
+    assert all(list(row) == greedy(model, torch.tensor([prompt]), 10) for row in zip(*greedy_rows, strict=True))
 
 
-def test_cancel_stops_between_steps_and_the_lock_is_held_for_each_forward():
+def test_a_request_whose_arithmetic_breaks_fails_alone():
     model = make_gpt()
-    cancel = threading.Event()
-    calls = []
-
-    class Lock:
-        def __enter__(self):
-            calls.append("enter")
-
-        def __exit__(self, *exc):
-            calls.append("exit")
-
-    produced = 0
-    for _ in decode(model, torch.tensor([[1]]), 100, cancel=cancel, step_lock=Lock()):
-        produced += 1
-        if produced == 5:
-            cancel.set()
-    assert produced == 5 and calls == ["enter", "exit"] * 5
+    engine = Engine(model, rows=3)
+    normal = Request([1, 2, 3], SamplingSettings(max_new_tokens=20, temperature=0.8), torch.Generator().manual_seed(4))
+    # past validation (which refuses these): a penalty that drives every seen logit to infinity, and its NaN
+    broken = Request([1, 2, 3], SamplingSettings(max_new_tokens=20, repetition_penalty=1e-40, top_k=3),
+                     torch.Generator().manual_seed(5))
+    outputs = [engine.start(normal), engine.start(broken)]
+    while engine.running:
+        outputs += engine.step()
+    assert broken.error is not None and isinstance(broken.error, SamplingError) and broken.done
+    assert [o.ids for o in outputs if o.request is broken] == [[]]
+    alone = engine_tokens(model, [1, 2, 3], SamplingSettings(max_new_tokens=20, temperature=0.8), seed=4)
+    assert [o.ids for o in outputs if o.request is normal] == alone
+    assert engine.free_rows == [0, 1, 2]  # both gave their rows back
 
 
-def test_empty_prompt_and_bad_keep_are_refused():
+def test_empty_prompt_bad_keep_and_too_many_samples_are_refused():
     model = make_gpt()
-    with pytest.raises(SamplingError, match="at least one token"):
-        list(decode(model, torch.zeros(1, 0, dtype=torch.long), 3))
+    with pytest.raises(SamplingError, match="empty"):
+        Request([], SamplingSettings())
     with pytest.raises(SamplingError, match="keep"):
-        list(decode(model, torch.tensor([[1]]), 3, keep=17))
+        Engine(model, keep=17)
+    with pytest.raises(SamplingError, match="n must be"):
+        Engine(model, rows=2).start(Request([1], SamplingSettings(num_samples=3)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +270,27 @@ def test_multibyte_characters_are_released_whole():
     assert stream.finish().text == ""
 
 
+class CountingTokenizer(ByteTokenizer):
+    """Counts the ids it is asked to decode."""
+
+    def __init__(self):
+        self.decoded = 0
+
+    def decode(self, ids):
+        self.decoded += len(ids)
+        return super().decode(ids)
+
+
+def test_text_is_decoded_incrementally_not_again_from_the_start():
+    tok = CountingTokenizer()
+    stream = TextStream(tok, stop=["zz"])
+    text = "héllo wörld, " * 40  # 520 characters, some of two bytes
+    for b in text.encode():
+        stream.add(b)
+    assert stream.finish().text == "" and stream.text == text
+    assert tok.decoded < 6 * len(text.encode())  # a few ids per token; decoding from the start: ~150,000
+
+
 def test_stream_completion_stops_and_reports_logprobs():
     model = make_gpt()
     tok = CharTokenizer(list("abcdefghijklm"))  # 13 characters = VOCAB
@@ -261,7 +316,8 @@ def test_settings_are_validated_with_the_callers_names():
     for bad_length in (-1, 0):
         with pytest.raises(SamplingError, match="max_tokens must be >= 1"):
             SamplingSettings(max_new_tokens=bad_length).validate({"max_new_tokens": "max_tokens"})
-    for bad in (dict(temperature=-0.5), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(repetition_penalty=0),
+    for bad in (dict(temperature=-0.5), dict(temperature=1e-30), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
+                dict(repetition_penalty=0), dict(repetition_penalty=1e-30), dict(repetition_penalty=1e9),
                 dict(num_samples=0), dict(stop=[""])):
         with pytest.raises(SamplingError):
             SamplingSettings(**bad).validate()

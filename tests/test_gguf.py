@@ -19,9 +19,9 @@ from scratchgpt.build import build_model
 from scratchgpt.checkpoint import save_checkpoint
 from scratchgpt.cli import main
 from scratchgpt.config import Config, ModelConfig, config_from_preset
-from scratchgpt.engine import decode
 from scratchgpt.errors import InteropError
-from scratchgpt.gguf_export import END_OF_TEXT, char_vocab, export_gguf, gguf_vocab, modelfile_text
+from scratchgpt.interop.gguf import END_OF_TEXT, char_vocab, export_gguf, gguf_vocab, modelfile_text
+from scratchgpt.sample import generate
 from scratchgpt.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, byte_level_alphabet
 
 gguf = pytest.importorskip("gguf")
@@ -187,7 +187,7 @@ def llama_greedy(llm, prompt_ids, n):
 
 
 def our_greedy(model, prompt_ids, n):
-    return [int(step.ids[0]) for step in decode(model, torch.tensor([prompt_ids]), n, temperature=0)]
+    return [int(ids[0]) for ids in generate(model, torch.tensor([prompt_ids]), n, temperature=0)]
 
 
 def check_in_llama(tmp_path, model, tokenizer, text, n_new, dtype="f32", tolerance=None):

@@ -11,7 +11,7 @@ from scratchgpt.checkpoint import load_checkpoint, save_checkpoint
 from scratchgpt.cli import main
 from scratchgpt.config import Config, DataConfig, ModelConfig, TrainConfig
 from scratchgpt.errors import InteropError
-from scratchgpt.hf import export_hf, import_hf
+from scratchgpt.interop.hf import export_hf, import_hf
 from scratchgpt.model import GPT
 from scratchgpt.tokenizer import CharTokenizer, save_tokenizer
 
@@ -291,7 +291,7 @@ SAMPLE = "The cat sat.\n  Then   the dög ran! <|endoftext|>A fox's hat?"
 
 
 def test_gpt2_vocab_and_merges_read_like_transformers(tmp_path, small_corpus):
-    from scratchgpt.hf_tokenizer import gpt2_tokenizer_from_files
+    from scratchgpt.interop.hf_tokenizer import gpt2_tokenizer_from_files
 
     hf = _train_gpt2_style_bpe(small_corpus.read_text(encoding="utf-8"))
     hf.model.save(str(tmp_path))  # GPT-2's slow-tokenizer files: vocab.json and merges.txt

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from scratchgpt import kernels
 from scratchgpt.build import build_model
 from scratchgpt.config import ModelConfig
-from scratchgpt.kv_cache import KVCache
+from scratchgpt.inference.cache import KVCache
 from scratchgpt.model import GPT
 from scratchgpt.modern import ModernGPT
+from scratchgpt.speed import kernels
 
 
 def small(**kw) -> ModelConfig:

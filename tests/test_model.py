@@ -97,12 +97,16 @@ def test_manual_attention_equals_sdpa():
     assert torch.allclose(manual_attention(q, k, v), fused, atol=1e-5)
 
 
-def test_manual_attention_lets_a_single_query_see_every_key():
-    """A cached decoding step: its one query is the newest token, so no key is in its future."""
+def test_manual_attention_follows_the_mask_or_the_causal_triangle_as_sdpa_does():
+    """Without a mask, causal (training, a prefill); with one, what it allows (a cached step over rows of other lengths)."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
-    unmasked = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert torch.allclose(manual_attention(q, k, v), unmasked, atol=1e-6)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    assert torch.allclose(manual_attention(q, k, v), sdpa(q, k, v, is_causal=True), atol=1e-6)
+    mask = torch.tensor([[True] * 7, [True, True, True, False, False, False, False]]).view(2, 1, 1, 7)
+    one = q[:, :, :1]  # one query per row, seeing all 7 keys in row 0 and the first 3 in row 1
+    assert torch.allclose(manual_attention(one, k, v, mask=mask), sdpa(one, k, v, attn_mask=mask), atol=1e-6)
+    assert torch.allclose(manual_attention(one[:1], k[:1], v[:1], mask=mask[:1]), sdpa(one[:1], k[:1], v[:1]), atol=1e-6)
 
 
 def test_manual_and_sdpa_models_agree():

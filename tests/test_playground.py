@@ -20,7 +20,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from serving import running_server, train_tiny_checkpoint  # noqa: E402
 
 from scratchgpt import load  # noqa: E402
-from scratchgpt.server import create_app  # noqa: E402
+from scratchgpt.serving.server import create_app  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()),

@@ -46,7 +46,7 @@ def test_stop_strings_end_each_sample(run, capsys):
 
 def test_bad_repetition_penalty_and_empty_stop_are_refused(run, capsys):
     assert main(["sample", "--checkpoint", str(run), "--repetition-penalty", "0"]) == 1
-    assert "--repetition-penalty must be > 0" in capsys.readouterr().err
+    assert "--repetition-penalty must be in [0.001, 1000.0]" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(run), "--stop", ""]) == 1
     assert "--stop must be non-empty" in capsys.readouterr().err
 

@@ -1,36 +1,34 @@
-"""The scheduler in a process of its own (scheduler_process.py): the tokens the in-process scheduler draws,
-the logits when asked, a full line refused, a leaving or cancelled reader ending its request, a dead child."""
+"""The engine in a process of its own: the same text as on a thread of the server's process, the
+same admission (decided in the server's process), and a child that dies or cannot start."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
-import torch
-from test_batching import OPTIONS, make_model, prompt, run_together
+from test_batching import OPTIONS, TOKENIZER, make_model, prompt, run_together, settings, texts_of
 
-from scratchgpt.batching import Scheduler, SchedulerStopped, ServerBusy
 from scratchgpt.errors import ScratchGPTError
-from scratchgpt.scheduler_process import SchedulerProcess
+from scratchgpt.serving.scheduler import Scheduler, SchedulerStopped, ServerBusy, ThreadRunner
 
 JOBS = [  # prompts of several lengths, each with its own seed and settings
-    dict(idx=prompt(1, 5), n_new=40, seed=7, kw={"num_samples": 2}),
-    dict(idx=prompt(2, 3), n_new=25, seed=8, kw={"temperature": 0.7}),
-    dict(idx=prompt(3, 9), n_new=30, seed=9, kw={"top_k": 4, "repetition_penalty": 1.3}),
-    dict(idx=prompt(4, 1), n_new=20, seed=10, kw={"top_p": 0.8, "num_samples": 3}),
-    dict(idx=prompt(5, 4), n_new=15, seed=11, kw={"temperature": 0}),
+    dict(ids=prompt(1, 5), n_new=40, seed=7, kw={"num_samples": 2}),
+    dict(ids=prompt(2, 3), n_new=25, seed=8, kw={"temperature": 0.7}),
+    dict(ids=prompt(3, 9), n_new=30, seed=9, kw={"top_k": 4, "repetition_penalty": 1.3}),
+    dict(ids=prompt(4, 1), n_new=20, seed=10, kw={"top_p": 0.8, "num_samples": 3, "logprobs": 2}),
+    dict(ids=prompt(5, 4), n_new=15, seed=11, kw={"temperature": 0, "stop": ["ab"]}),
 ]
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-def test_the_child_draws_the_tokens_the_in_process_scheduler_draws(options):
+def test_the_child_makes_the_text_a_thread_makes(options):
     model = make_model(**options)
-    here, there = Scheduler(model, slots=8), SchedulerProcess(model, slots=8)
+    here, there = Scheduler(model, TOKENIZER, slots=8), Scheduler(model, TOKENIZER, slots=8, own_process=True)
     try:
+        assert not isinstance(there._runner, ThreadRunner)
         expected = run_together(here, JOBS)
         assert run_together(there, JOBS) == expected
-        assert [len(steps) for steps in expected] == [job["n_new"] for job in JOBS]
+        assert len(expected[0][0]) == 40 and set(expected[3]) == {0, 1, 2}
     finally:
         here.close()
         there.close()
@@ -38,59 +36,39 @@ def test_the_child_draws_the_tokens_the_in_process_scheduler_draws(options):
 
 @pytest.fixture(scope="module")
 def child():
-    model = make_model()
-    scheduler = SchedulerProcess(model, slots=2, max_waiting=1)
-    yield model, scheduler
+    scheduler = Scheduler(make_model(), TOKENIZER, slots=2, max_waiting=1, own_process=True)
+    yield scheduler
     scheduler.close()
 
 
-def test_logits_cross_the_pipe_only_when_asked(child):
-    model, scheduler = child
-    here = Scheduler(model, slots=2)
-    try:
-        expected = list(here.decode(prompt(1, 4), 6, generator=torch.Generator().manual_seed(3)))
-    finally:
-        here.close()
-    with_logits = list(scheduler.decode(prompt(1, 4), 6, generator=torch.Generator().manual_seed(3)))
-    without = list(scheduler.decode(prompt(1, 4), 6, generator=torch.Generator().manual_seed(3), with_logits=False))
-    assert all(torch.equal(a.logits, b.logits) for a, b in zip(with_logits, expected, strict=True))
-    assert all(step.logits is None for step in without)
-    assert [s.ids.tolist() for s in without] == [s.ids.tolist() for s in expected]
+def test_log_probabilities_cross_the_pipe(child):
+    chunks = [c for step in child.submit(prompt(1, 4), settings(6, 3, logprobs=2)) for c in step]
+    details = [d for c in chunks for d in c.tokens]
+    assert len(details) == 6 and all(len(d.top) >= 2 and d.logprob <= 0 for d in details)
 
 
 def test_a_full_line_is_refused_and_a_reader_that_leaves_frees_its_slots(child):
-    _, scheduler = child
-    first = scheduler.decode(prompt(1, 3), 1_000_000, num_samples=2, generator=torch.Generator().manual_seed(0))
+    first = child.submit(prompt(1, 3), settings(1_000_000, 0, num_samples=2))
     next(first)  # it holds both slots
-    second = scheduler.decode(prompt(2, 3), 5, generator=torch.Generator().manual_seed(0))  # waits
-    assert scheduler.load() == {"running": 1, "waiting": 1, "slots": 2}
+    second = child.submit(prompt(2, 3), settings(5, 0))  # waits
+    assert child.load() == {"running": 1, "waiting": 1, "slots": 2}
     with pytest.raises(ServerBusy):
-        scheduler.decode(prompt(3, 3), 5)
+        child.submit(prompt(3, 3), settings(5, 0))
     first.close()  # the client went away
-    assert len(list(second)) == 5
-    wait_until(lambda: scheduler.load() == {"running": 0, "waiting": 0, "slots": 2})
-
-
-def test_a_cancelled_request_ends_at_a_step(child):
-    _, scheduler = child
-    cancel = threading.Event()
-    steps = scheduler.decode(prompt(1, 3), 1_000_000, cancel=cancel, generator=torch.Generator().manual_seed(0))
-    next(steps)
-    cancel.set()
-    assert 0 < len(list(steps)) < 1_000_000
-    wait_until(lambda: scheduler.load()["running"] == 0)
+    assert len(texts_of(second)[0]) == 5
+    wait_until(lambda: child.load() == {"running": 0, "waiting": 0, "slots": 2})
 
 
 def test_a_child_that_dies_ends_its_readers_with_an_error():
-    scheduler = SchedulerProcess(make_model(), slots=2)
+    scheduler = Scheduler(make_model(), TOKENIZER, slots=2, own_process=True)
     try:
-        steps = scheduler.decode(prompt(1, 3), 1_000_000, generator=torch.Generator().manual_seed(0))
-        next(steps)
-        scheduler._process.kill()
+        stream = scheduler.submit(prompt(1, 3), settings(1_000_000, 0))
+        next(stream)
+        scheduler._runner._process.kill()
         with pytest.raises(ScratchGPTError, match="stopped unexpectedly"):
-            list(steps)
+            list(stream)
         with pytest.raises(SchedulerStopped, match="stopped unexpectedly"):
-            scheduler.decode(prompt(1, 3), 5)
+            scheduler.submit(prompt(1, 3), settings(5, 0))
     finally:
         scheduler.close()
 
@@ -98,70 +76,70 @@ def test_a_child_that_dies_ends_its_readers_with_an_error():
 def wait_until(condition, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "the scheduler's process did not get there in time"
+        assert time.monotonic() < deadline, "the engine's process did not get there in time"
         time.sleep(0.01)
 
 
-def test_the_server_answers_503_once_its_scheduler_process_is_gone():
+def test_the_server_answers_503_once_its_engine_process_is_gone():
     httpx = pytest.importorskip("httpx")
     from serving import running_server
 
-    from scratchgpt.server import BatchingLimits, create_app
-    from scratchgpt.tokenizer import CharTokenizer
+    from scratchgpt.serving.server import BatchingLimits, create_app
 
-    app = create_app(make_model(), CharTokenizer(list("abcdefghijklm")), "t", batching=BatchingLimits(own_process=True))
+    app = create_app(make_model(), TOKENIZER, "t", batching=BatchingLimits(own_process=True))
     with running_server(app) as url:
         assert httpx.post(f"{url}/v1/completions", json=dict(prompt="abc", max_tokens=3), timeout=30).status_code == 200
         scheduler = app.state.server.scheduler
-        scheduler._process.kill()
-        wait_until(lambda: scheduler._stopped is not None)
+        scheduler._runner._process.kill()
+        wait_until(lambda: scheduler.stopped is not None)
         answer = httpx.post(f"{url}/v1/completions", json=dict(prompt="abc", max_tokens=3), timeout=30)
         assert answer.status_code == 503 and "stopped unexpectedly" in answer.json()["error"]["message"]
-        assert httpx.get(f"{url}/health").json()["status"].startswith("unavailable: the scheduler's process stopped")
+        assert httpx.get(f"{url}/health").json()["status"].startswith("unavailable: the engine's process stopped")
 
 
-def test_a_server_whose_scheduler_process_cannot_start_runs_it_in_its_own(monkeypatch, capsys):
-    from scratchgpt import server
-    from scratchgpt.tokenizer import CharTokenizer
+def test_a_scheduler_whose_process_cannot_start_runs_the_engine_on_a_thread(monkeypatch, capsys):
+    from scratchgpt.serving import process
 
     def no_shared_memory(*args, **kwargs):
         raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
 
-    monkeypatch.setattr(server, "SchedulerProcess", no_shared_memory)
-    app = server.create_app(make_model(), CharTokenizer(list("abcdefghijklm")), "t",
-                            batching=server.BatchingLimits(own_process=True))
+    monkeypatch.setattr(process, "ProcessRunner", no_shared_memory)
+    scheduler = Scheduler(make_model(), TOKENIZER, slots=2, own_process=True)
     try:
-        assert isinstance(app.state.server.scheduler, Scheduler)
+        assert isinstance(scheduler._runner, ThreadRunner)
         assert "No space left on device" in capsys.readouterr().err
+        assert len(texts_of(scheduler.submit(prompt(1, 3), settings(4, 0)))[0]) == 4
     finally:
-        app.state.server.close()
+        scheduler.close()
 
 
-def test_a_program_that_never_closes_its_scheduler_process_still_exits(tmp_path):
+def test_a_program_that_never_closes_its_engine_process_still_exits(tmp_path):
     """At exit the child is closed through its pipe (it ignores SIGTERM, which multiprocessing would send, then wait)."""
     import subprocess
     import sys
 
     script = tmp_path / "leave_it_open.py"
     script.write_text(
-        "import torch\n"
         "from scratchgpt.build import build_model\n"
         "from scratchgpt.config import ModelConfig\n"
-        "from scratchgpt.scheduler_process import SchedulerProcess\n"
+        "from scratchgpt.inference.engine import SamplingSettings\n"
+        "from scratchgpt.serving.scheduler import Scheduler\n"
+        "from scratchgpt.tokenizer import CharTokenizer\n"
         "if __name__ == '__main__':\n"
         "    model = build_model(ModelConfig(vocab_size=5, block_size=8, n_layer=1, n_head=1, n_embd=8))\n"
-        "    scheduler = SchedulerProcess(model, slots=2)\n"
-        "    print(len(list(scheduler.decode(torch.tensor([[1, 2]]), 3))))\n")
+        "    scheduler = Scheduler(model, CharTokenizer(list('abcde')), slots=2, own_process=True)\n"
+        "    stream = scheduler.submit([1, 2], SamplingSettings(max_new_tokens=3, seed=0))\n"
+        "    print(len(''.join(c.text for step in stream for c in step)))\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr
 
 
 def test_a_child_that_dies_while_starting_is_a_clear_error(monkeypatch):
-    from scratchgpt import scheduler_process
+    from scratchgpt.serving import process
 
-    monkeypatch.setattr(scheduler_process, "_child", _die_at_once)
+    monkeypatch.setattr(process, "_child", _die_at_once)
     with pytest.raises(ScratchGPTError, match=r"exited while starting \(exit code 3\)"):
-        SchedulerProcess(make_model(), slots=2)
+        process.ProcessRunner(make_model(), TOKENIZER, 2, lambda items: None, lambda why: None)
 
 
 def _die_at_once(*args) -> None:

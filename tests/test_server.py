@@ -18,7 +18,7 @@ from serving import running_server, train_tiny_checkpoint  # noqa: E402
 
 from scratchgpt import load  # noqa: E402
 from scratchgpt.sample import generate_text  # noqa: E402
-from scratchgpt.server import BatchingLimits, create_app  # noqa: E402
+from scratchgpt.serving.server import BatchingLimits, create_app  # noqa: E402
 
 CAP = 100_000  # large, so that an uncancelled generation would run far past the disconnect test's wait
 
@@ -124,7 +124,7 @@ def test_the_official_openai_client_works(served):
 @pytest.mark.parametrize("body,message", [
     ({"max_tokens": 5}, "prompt is required"),
     ({"prompt": ""}, "prompt must not be empty"),
-    ({"prompt": "the", "temperature": -0.5}, "temperature must be >= 0"),
+    ({"prompt": "the", "temperature": -0.5}, "temperature must be 0 (greedy) or >= 0.0001"),
     ({"prompt": "the", "top_p": 0}, "top_p must be in (0, 1]"),
     ({"prompt": "the", "top_p": 1.5}, "top_p must be in (0, 1]"),
     ({"prompt": "the", "max_tokens": CAP + 1}, f"max_tokens must be <= {CAP}"),

@@ -14,9 +14,9 @@ httpx = pytest.importorskip("httpx")
 
 from serving import running_server  # noqa: E402
 
-import scratchgpt.server as server_module  # noqa: E402
-from scratchgpt.batching import ServerBusy  # noqa: E402
-from scratchgpt.server import create_app  # noqa: E402
+import scratchgpt.serving.server as server_module  # noqa: E402
+from scratchgpt.serving.scheduler import ServerBusy  # noqa: E402
+from scratchgpt.serving.server import create_app  # noqa: E402
 
 KEY = "class-of-2025-secret"
 TEXT = "abcdefghijklmnopqrstuvwxyz .,\n"
@@ -186,7 +186,7 @@ def full(monkeypatch):
     """Every generation refused as the scheduler refuses one when its slots and waiting line are full."""
     started = []
 
-    def busy(cls, state, prompt, settings):
+    def busy(cls, state, prompt, prompt_ids, settings):
         started.append(prompt)
         raise ServerBusy("all 8 slots are taken and 32 requests wait; retry later", retry_after=2.2)
 
@@ -207,7 +207,7 @@ def test_a_full_server_answers_429_with_retry_after(keyed, full, stream):
 
 def test_retry_after_is_at_least_one_second(keyed, monkeypatch):
     for retry_after, header in ((0.0, "1"), (0.3, "1"), (1.0, "1"), (7.5, "8"), (float("inf"), "1")):
-        def busy(cls, state, prompt, settings, retry_after=retry_after):
+        def busy(cls, state, prompt, prompt_ids, settings, retry_after=retry_after):
             raise ServerBusy("full", retry_after=retry_after)
 
         monkeypatch.setattr(server_module._Generation, "start", classmethod(busy))

@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scratchgpt.engine import TextStream
 from scratchgpt.errors import TokenizerError
+from scratchgpt.inference.text import TextStream
 from scratchgpt.tokenizer import CharTokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
 
 

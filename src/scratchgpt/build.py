@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .config import ModelConfig
-from .kernels import use_fast_kernels
 from .model import GPT, Bigram
 from .modern import ModernGPT
+from .speed.kernels import use_fast_kernels
 
 
 def build_model(config: ModelConfig) -> nn.Module:

@@ -20,8 +20,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from .allocator import keep_freed_memory
-from .batching import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SLOTS
 from .config import (
     FIELD_HELP,
     FREE_MODEL_FIELDS,
@@ -33,6 +31,8 @@ from .config import (
 from .device import governed, threads_now
 from .errors import ScratchGPTError
 from .plot import X_AXES
+from .serving.scheduler import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SLOTS
+from .speed.allocator import keep_freed_memory
 from .version import __version__
 
 # Flags whose names differ from the config field they set, and fields with no flag.
@@ -364,7 +364,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _export_gguf(args)
     if args.dtype != "f32":
         raise ScratchGPTError("--dtype applies to --format gguf only; a Hugging Face export keeps float32 weights")
-    from .hf import export_hf
+    from .interop.hf import export_hf
 
     result = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
     for note in result.notes:
@@ -375,7 +375,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_gguf(args: argparse.Namespace) -> int:
-    from .gguf_export import export_gguf
+    from .interop.gguf import export_gguf
 
     result = export_gguf(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
     for note in result.notes:
@@ -386,7 +386,7 @@ def _export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .hf import import_hf
+    from .interop.hf import import_hf
 
     out = import_hf(args.source, args.out, tokenizer_path=args.tokenizer, overwrite=args.overwrite)
     print(f"wrote checkpoint {out}")
@@ -479,7 +479,7 @@ SAMPLE_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperat
 def cmd_sample(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .device import resolve_device
-    from .engine import SamplingSettings, stream_completion
+    from .inference.engine import SamplingSettings, stream_completion
 
     settings = SamplingSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -534,7 +534,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_train
+    from .speed.bench import bench_train
 
     if args.bench_command == "sample":
         return cmd_bench_sample(args)
@@ -554,9 +554,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sample(args: argparse.Namespace) -> int:
-    from .bench import bench_sample
     from .checkpoint import load_checkpoint
     from .device import resolve_device
+    from .speed.bench import bench_sample
 
     if args.max_new_tokens < 1:
         raise ScratchGPTError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -576,7 +576,7 @@ def cmd_bench_sample(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import BatchingLimits, serve
+        from .serving.server import BatchingLimits, serve
     except ImportError as exc:
         raise ScratchGPTError(f"the server needs the serve extra ({exc.name} is missing): pip install 'scratchgpt[serve]'") from None
     if not 0 <= args.port <= 65535:

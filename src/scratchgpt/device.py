@@ -252,6 +252,11 @@ def tick() -> None:
         _active.tick()
 
 
+def governor_ceiling() -> int | None:
+    """The most threads the active governor may use, or None when no governor runs (a fixed thread count)."""
+    return _active.most if _active is not None else None
+
+
 def adaptive(requested: int) -> bool:
     """Whether the thread count adapts: only when neither `--threads` nor OMP_NUM_THREADS chose it."""
     return requested == 0 and not os.environ.get("OMP_NUM_THREADS")

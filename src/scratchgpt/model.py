@@ -6,8 +6,10 @@ nh = heads, hs = head size, V = vocabulary. Both models map token ids (B, T) to 
 logits (B, T, V) and return `(logits, loss)`, the loss being the mean cross-entropy over every
 position when targets are given.
 
-Generation may pass a `KVCache` (kv_cache.py): the keys and values of the tokens seen so far,
-so that each new token costs one position's work instead of a pass over the whole context.
+Generation may pass a `KVCache` (inference/cache.py): the keys and values of the tokens seen so
+far, so that each new token costs one position's work instead of a pass over the whole context.
+The cache says where the tokens sit (`cache.positions`) and which keys each query may see
+(`cache.mask`); without one (training) the positions are 0..T-1 and the mask the causal triangle.
 Training never passes one.
 
 Beside this file: modern.py swaps in the speedrun's parts (RoPE, RMSNorm, QK-norm, ReLU^2,
@@ -26,35 +28,22 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .kv_cache import KVCache
-
-
-def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:
-    """(T, S) booleans, True where query t may attend to key s: the T queries are the last T of the S keys.
-
-    Without a cache T == S and this is the usual lower triangle; with a cache the S - T earlier
-    keys come from the cache and every query sees all of them.
-    """
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+from .inference.cache import KVCache
 
 
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, training: bool = False,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention written out: softmax(QK^T / sqrt(hs) + mask) @ V, queries (B, nh, T, hs), keys (B, nh, S, hs).
+    """Attention written out: softmax(QK^T / sqrt(hs) + mask) @ V, queries (B, nh, T, hs), keys (B, nh, S, hs).
 
-    `mask` (broadcast to (B, nh, T, S), True where a query may look) replaces the causal one.
+    Without `mask` the attention is causal (T == S, each query sees itself and the queries before
+    it); `mask` (broadcast to (B, nh, T, S), True where a query may look) replaces that rule.
     """
     T, S, head_size = q.size(-2), k.size(-2), q.size(-1)
-    # Scaling q (T x hs) rather than the scores (T x S), and adding the mask below rather than
-    # masked_fill on the scores, compile to a faster kernel.
+    if mask is None:  # the lower triangle: query t sees keys 0..t
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    # Scaling q (T x hs) rather than the scores (T x S) is the cheaper of the two.
     scores = (q * (1.0 / math.sqrt(head_size))) @ k.transpose(-2, -1)  # (B, nh, T, hs) @ (B, nh, hs, S) -> (B, nh, T, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    elif T > 1:  # a single query (a cached decoding step) is the newest token: every key is its past
-        # 0 where a token may look (itself and the past), -inf where it may not: after the
-        # softmax the future gets zero weight.
-        mask = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~causal_mask(T, S, q.device), float("-inf"))
-        scores = scores + mask
+    scores = scores.masked_fill(~mask, float("-inf"))  # after the softmax, the future gets zero weight
     weights = F.softmax(scores, dim=-1)
     weights = F.dropout(weights, p=dropout_p, training=training)
     return weights @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
@@ -76,42 +65,33 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        # Position of the first of these T tokens: an int, or one per row (B, 1) when a batched
-        # server's cache holds sequences of different lengths.
-        start = cache.length if cache is not None else 0
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
         # (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs): each head attends independently
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        q, k = self.position_queries_and_keys(q, k, start)
-        mask = None
+        q, k = self.position_queries_and_keys(q, k, cache)
+        mask = None  # causal: each query sees itself and the ones before it
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, T, hs) -> (B, nh, start + T, hs)
-            mask = cache.attention_mask  # None: each query sees every cached key and itself
-        y = self.attend(q, k, v, start, mask)
+            k, v = cache.update(layer, k, v)  # the keys and values these queries attend over
+            mask = cache.mask  # None while prefilling a window, else which cached keys each row may see
+        y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
-    def position_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor,
+                                  cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The classic model's positions are already in x (learned embeddings); modern.py rotates q and k here."""
         return q, k
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal attention of T queries at positions start.. over start + T keys (or as `mask` says): (B, nh, T, hs)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Causal attention of the queries over the keys, or as `mask` says (True where a query may look): (B, nh, T, hs)."""
         dropout_p = self.dropout if self.training else 0.0
         if not self.use_sdpa:
             return manual_attention(q, k, v, dropout_p=dropout_p, training=self.training, mask=mask)
-        if mask is not None:
-            return self.sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        T = q.size(2)
-        if start == 0:  # square: the usual causal triangle
+        if mask is None:
             return self.sdpa(q, k, v, dropout_p=dropout_p, is_causal=True)
-        if T == 1:  # one new token sees every cached one: no mask needed
-            return self.sdpa(q, k, v, dropout_p=dropout_p)
-        # Several new tokens after cached ones (sdpa's is_causal would align the triangle top-left).
-        return self.sdpa(q, k, v, attn_mask=causal_mask(T, k.size(2), q.device), dropout_p=dropout_p)
+        return self.sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
@@ -183,27 +163,24 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
-    def embed(self, idx: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """What each token is plus where it is: (B, T) -> (B, T, C)."""
-        positions = start + torch.arange(idx.size(1), device=idx.device)  # (T,), or (B, T) for one start per row
-        return self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C)
+        positions = cache.positions if cache is not None else torch.arange(idx.size(1), device=idx.device)  # (T,), or per row
+        return self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C), or (B or 1, T, C)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for tokens idx (B, T), and the loss if targets are given.
 
-        With a cache, idx continues the cached tokens (it sits at positions cache.length...),
-        its keys and values are added to the cache, and the logits are for idx's positions only.
+        With a cache, the tokens sit where the cache says (`cache.positions`), their keys and
+        values go into it, and they attend over what it holds; the caller then calls
+        `cache.advance()` (inference/engine.py does).
         """
-        start = cache.length if cache is not None else 0  # an int, or one per row (B, 1)
-        end = int(start.max()) + idx.size(1) if torch.is_tensor(start) else start + idx.size(1)
-        if end > self.config.block_size:
-            raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
-        x = self.transformer.drop(self.embed(idx, start))
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size {self.config.block_size}")
+        x = self.transformer.drop(self.embed(idx, cache))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
-        if cache is not None:
-            cache.advance(idx.size(1))
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
         return logits, lm_loss(logits, targets)
@@ -228,7 +205,9 @@ class Bigram(nn.Module):
         # Small weights make every next token equally likely at first: loss = ln(V).
         nn.init.normal_(self.logits_table.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V), each from its own token alone: a cache (which the engine passes to every model) changes nothing."""
         logits = self.logits_table(idx)  # (B, T) -> (B, T, V)
         return logits, lm_loss(logits, targets)
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .inference.cache import KVCache
 from .model import GPT, MLP, Block, CausalSelfAttention, _init_linear_and_embedding
 
 
@@ -56,17 +57,16 @@ class ModernAttention(CausalSelfAttention):
             self.register_buffer("rope_cos", cos, persistent=False)  # derived from the config, not saved
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def position_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor,
+                                  cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.qk_norm:  # unit-RMS queries and keys keep attention logits in a tame range
             q = F.rms_norm(q, (q.size(-1),))
             k = F.rms_norm(k, (k.size(-1),))
         if self.use_rope:  # before the cache: each key is rotated once, at its own position
-            T = q.size(2)
-            if torch.is_tensor(start):  # one start per row (B, 1): tables (B, 1, T, hs/2) for the heads to share
-                positions = start + torch.arange(T, device=q.device)
-                cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-            else:
-                cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            if cache is None:  # training: positions 0..T-1, tables (T, hs/2)
+                cos, sin = self.rope_cos[:q.size(2)], self.rope_sin[:q.size(2)]
+            else:  # the cache's positions (B or 1, T): tables (B or 1, 1, T, hs/2), shared by the heads
+                cos, sin = self.rope_cos[cache.positions].unsqueeze(1), self.rope_sin[cache.positions].unsqueeze(1)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
         return q, k
@@ -127,7 +127,7 @@ class ModernGPT(GPT):
             if name.endswith("c_proj.weight"):  # each block starts as the identity; training grows it
                 nn.init.zeros_(param)
 
-    def embed(self, idx: torch.Tensor, start: int) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         if "wpe" in self.transformer:
-            return super().embed(idx, start)
+            return super().embed(idx, cache)
         return self.transformer.wte(idx)  # (B, T) -> (B, T, C); RoPE adds the positions in attention

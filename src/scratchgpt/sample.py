@@ -1,8 +1,11 @@
-"""Generation's front doors: `generate` (token ids, step by step) and `generate_text` (a string).
+"""Generation's front doors: `generate` (token ids, step by step) and `generate_text` (a string),
+and the naive reference they are checked against.
 
-Both run the decoding loop of `engine.py` (KV-cached, or the naive reference). The filters
-and the draw they apply to the logits are pure functions in `filters.py`, importable from
-here too.
+Both doors run the one decoding engine (inference/engine.py: a KV cache, every sample of a
+prompt in one batch), the engine the server runs too. `generate_naive` is the textbook loop
+written out: a full forward pass over the context for every new token, no cache. It is the
+oracle the tests hold the engine to, and what `use_cache=False` (`sample --no-kv-cache`) runs.
+The filters and the draw are pure functions in `filters.py`, importable from here too.
 """
 
 from __future__ import annotations
@@ -11,10 +14,39 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .engine import SamplingSettings, decode, stream_completion
 from .filters import repetition_penalty_filter, sample_next, top_k_filter, top_p_filter
+from .inference.engine import (
+    Request,
+    SamplingSettings,
+    default_keep,
+    run,
+    stream_completion,
+    window_start,
+)
 
-__all__ = ["generate", "generate_text", "repetition_penalty_filter", "sample_next", "top_k_filter", "top_p_filter"]
+__all__ = ["generate", "generate_naive", "generate_text", "repetition_penalty_filter", "sample_next", "top_k_filter",
+           "top_p_filter"]
+
+
+@torch.inference_mode()
+def generate_naive(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                   *, repetition_penalty: float = 1.0, keep: int | None = None) -> Iterator[torch.Tensor]:
+    """The reference: yield the next token ids (B,) one step at a time, a full forward pass per token.
+
+    The context window is the engine's: all tokens while they fit in block_size, then the
+    last `keep` of them, growing again from there.
+    """
+    block_size = model.config.block_size
+    keep = keep or default_keep(block_size)
+    start = max(0, idx.size(1) - block_size)
+    for _ in range(max_new_tokens):
+        start = window_start(idx.size(1), start, block_size, keep)
+        logits, _ = model(idx[:, start:])  # (B, T') -> (B, T', V)
+        scores = repetition_penalty_filter(logits[:, -1], idx, repetition_penalty)  # the last position: (B, V)
+        next_ids = sample_next(scores, temperature, top_k, top_p, generator)  # (B,)
+        idx = torch.cat([idx, next_ids[:, None]], dim=1)
+        yield next_ids
 
 
 def generate(
@@ -31,12 +63,21 @@ def generate(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time, continuing the prompts `idx` (B, T).
 
-    With the KV cache by default; `use_cache=False` runs the naive reference (a full forward
-    pass over the context at every step), which gives the same tokens.
+    With the engine's KV cache by default; `use_cache=False` runs the naive reference, which
+    gives the same tokens.
     """
-    for step in decode(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repetition_penalty=repetition_penalty, generator=generator, use_cache=use_cache):
-        yield step.ids
+    if not use_cache:
+        yield from generate_naive(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                                  repetition_penalty=repetition_penalty)
+        return
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, num_samples=idx.size(0))
+    settings.validate()
+    # B prompts of one length decode as one request of B samples whose first prefill is per row.
+    request = Request(idx[0].tolist(), settings, generator)
+    request.tokens = idx.tolist()
+    for output in run(model, request):
+        yield torch.tensor(output.ids, device=idx.device)
 
 
 def generate_text(
@@ -57,3 +98,18 @@ def generate_text(
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=use_cache)
     return "".join(chunk.text for chunks in stream_completion(model, tokenizer, prompt, settings) for chunk in chunks)
+
+
+def completion_naive(model: torch.nn.Module, request: Request, keep: int | None = None):
+    """A request decoded by the naive reference: its chunks of text, step by step (stream_completion's
+    `use_cache=False`)."""
+    s = request.settings
+    idx = torch.tensor([request.prompt], device=next(model.parameters()).device).expand(s.num_samples, -1)
+    steps = generate_naive(model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, request.generator,
+                           repetition_penalty=s.repetition_penalty, keep=keep)
+    for ids in steps:
+        chunks = request.take(ids.tolist(), None)
+        if chunks:
+            yield chunks
+        if request.done:
+            return

@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import ModelConfig
-from .errors import InteropError
+from ..checkpoint import load_checkpoint
+from ..config import ModelConfig
+from ..errors import InteropError
+from ..tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, byte_level_alphabet
+from ..version import __version__
 from .hf import check_exportable
-from .tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, byte_level_alphabet
-from .version import __version__
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 END_OF_TEXT = "<|endoftext|>"

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint
-from .errors import InteropError, TokenizerError
-from .tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
+from ..checkpoint import load_checkpoint
+from ..errors import InteropError, TokenizerError
+from ..tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 # Defined here, not in hf.py: hf.py imports this module, so this module cannot import hf.py.
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator, its bos, eos and unk token

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import CausalSelfAttention
+from ..model import CausalSelfAttention
 
 
 class RowBlockLinear(nn.Linear):

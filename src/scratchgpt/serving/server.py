@@ -5,15 +5,16 @@
     GET  /v1/models        the one model served, as OpenAI lists models
     POST /v1/completions   OpenAI's legacy completions API, streamed as server-sent events on request
 
-The server is a thin layer over `engine.stream_completion`, the sampler the CLI uses, fed by
-continuous batching (batching.py): one forward pass advances every running request, at a shape
-that does not depend on how many run, so the same seed gives the same text alone or beside
-fifteen others. `scratchgpt serve` runs that scheduler in a process of its own
-(scheduler_process.py), so that its Python and the event loop's do not take turns on one
-interpreter lock. It clamps what callers may ask for (--max-tokens-cap, n, logprobs) and answers
-bad requests with a 400 and a JSON message. A streamed request reads its tokens on the event loop
-as the scheduler hands them out; a client that goes away frees its slot at the next step. (A
-bigram model, which has no cache to batch, decodes under one lock in worker threads instead.)
+The server is a thin layer over the one decoding engine (inference/engine.py), the one the CLI
+and `generate_text` step: its scheduler (scheduler.py) admits requests and steps the engine for
+all of them, one forward pass advancing every running request at a shape that does not depend
+on how many run, so the same seed gives the same text alone or beside fifteen others.
+`scratchgpt serve` runs that engine in a process of its own (process.py), so that its Python and
+the event loop's do not take turns on one interpreter lock. The engine turns tokens into text;
+this layer encodes the prompt once, checks the request, and turns each step's chunks of text into
+JSON, read on the event loop as they arrive. It clamps what callers may ask for
+(--max-tokens-cap, n, logprobs) and answers bad requests with a 400 and a JSON message; a client
+that goes away frees its slot at the next step.
 
 For a shared server (a classroom): an optional API key guards /v1/* (`Authorization: Bearer KEY`,
 else a 401), a body over --max-body-bytes is a 413 and a prompt over --max-prompt-tokens a 400,
@@ -27,16 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hmac
 import ipaddress
 import json
-import math
 import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,25 +50,19 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from .batching import (
+from ..errors import ScratchGPTError, TokenizerError
+from ..inference.engine import SamplingError, SamplingSettings
+from ..inference.text import CompletionChunk, TokenDetail
+from ..model import count_parameters
+from .scheduler import (
     DEFAULT_MAX_WAITING,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SLOTS,
     Scheduler,
     ServerBusy,
-    StepReader,
+    Stream,
+    retry_after_header,
 )
-from .engine import (
-    CompletionChunk,
-    CompletionText,
-    SamplingError,
-    SamplingSettings,
-    TokenDetail,
-    stream_completion,
-)
-from .errors import ScratchGPTError, TokenizerError
-from .model import GPT, count_parameters
-from .scheduler_process import SchedulerProcess
 
 DEFAULT_MAX_TOKENS_CAP = 2048
 MAX_SAMPLES = 16  # n
@@ -134,12 +129,12 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
 async def _server_busy(request: Request, exc: ServerBusy) -> JSONResponse:
     """Exception handler: every slot taken and the waiting line full is a 429 with Retry-After, as OpenAI answers;
     a scheduler that has stopped (SchedulerStopped: shutting down, or its process died) a 503."""
-    retry_after = max(1, math.ceil(exc.retry_after)) if math.isfinite(exc.retry_after) else 1
+    retry_after = retry_after_header(exc)
     if exc.status == 503:
         return _error(503, str(exc), kind="server_error", code="service_unavailable",
-                      headers={"Retry-After": str(retry_after)})
+                      headers={"Retry-After": retry_after})
     return _error(429, str(exc) or "the server is busy; retry later", kind="requests", code="rate_limit_exceeded",
-                  headers={"Retry-After": str(retry_after)})
+                  headers={"Retry-After": retry_after})
 
 
 # --- in front of every route: the API key and the size of a request body ------------------------------------------
@@ -269,7 +264,7 @@ class _Stats:
 
 @dataclass
 class ServerState:
-    """What the routes share: the model and tokenizer, the limits, the forward-pass lock and the counters."""
+    """What the routes share: the model and tokenizer, the limits, the scheduler and the counters."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -277,10 +272,9 @@ class ServerState:
     model_config: dict
     max_tokens_cap: int
     max_logprobs: int
-    step_lock: threading.Lock = field(default_factory=threading.Lock)  # the bigram's forward passes take turns
+    scheduler: Scheduler
     stats: _Stats = field(default_factory=_Stats)
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
-    scheduler: Scheduler | SchedulerProcess | None = None  # continuous batching; None for a model without a cache (the bigram)
 
     @classmethod
     def build(cls, model: torch.nn.Module, tokenizer, model_name: str, config: dict | None,
@@ -290,49 +284,35 @@ class ServerState:
         model_config = config if config is not None else vars(model.config)
         max_logprobs = min(MAX_LOGPROBS, tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else MAX_LOGPROBS)
         limits = batching or BatchingLimits()
-        scheduler = None
-        if isinstance(model, GPT):
-            scheduler = _scheduler_for(model, limits)
-        return cls(model, tokenizer, model_name, model_config, max_tokens_cap, max_logprobs,
-                   max_prompt_tokens=max_prompt_tokens, scheduler=scheduler)
+        scheduler = Scheduler(model, tokenizer, limits.slots, limits.max_waiting, limits.request_timeout,
+                              own_process=limits.own_process)
+        return cls(model, tokenizer, model_name, model_config, max_tokens_cap, max_logprobs, scheduler,
+                   max_prompt_tokens=max_prompt_tokens)
 
     @property
     def max_samples(self) -> int:
         """The largest n: one slot per sample."""
-        return min(MAX_SAMPLES, self.scheduler.slots) if self.scheduler else MAX_SAMPLES
+        return min(MAX_SAMPLES, self.scheduler.slots)
 
     def load(self) -> dict[str, Any]:
-        """What /health reports of the load: requests generating now, requests waiting for a slot, and the tokens
-        generated per second over the last few seconds."""
-        load = {"running": self.stats.active, "waiting": 0, "tokens_per_second": round(self.stats.tokens_per_second(), 1)}
-        return {**load, **self.scheduler.load()} if self.scheduler is not None else load
+        """What /health reports of the load: requests running and waiting for a slot, and the tokens generated
+        per second over the last few seconds."""
+        return {"tokens_per_second": round(self.stats.tokens_per_second(), 1), **self.scheduler.load()}
 
     def close(self) -> None:
-        """Stop the scheduler's thread; called once at shutdown, after uvicorn has drained the running requests."""
-        if self.scheduler is not None:
-            self.scheduler.close()
+        """Stop the scheduler; called once at shutdown, after uvicorn has drained the running requests."""
+        self.scheduler.close()
 
 
 @dataclass
 class BatchingLimits:
     """How many requests run at once (slots), how many may wait for one, how long one may run, and whether the
-    scheduler runs in a process of its own (scheduler_process.py; `scratchgpt serve` does unless --in-process)."""
+    engine runs in a process of its own (process.py; `scratchgpt serve` does unless --in-process)."""
 
     slots: int = DEFAULT_SLOTS
     max_waiting: int = DEFAULT_MAX_WAITING
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     own_process: bool = False
-
-
-def _scheduler_for(model: torch.nn.Module, limits: BatchingLimits) -> Scheduler | SchedulerProcess:
-    """The model's scheduler: in a process of its own if asked and possible, else in this one."""
-    if limits.own_process:
-        try:
-            return SchedulerProcess(model, limits.slots, limits.max_waiting, limits.request_timeout)
-        except (OSError, RuntimeError, ScratchGPTError) as exc:  # e.g. too little shared memory (/dev/shm) in a container
-            print(f"scratchgpt serve: note: the model's own process did not start ({exc}); running it in the "
-                  "server's process instead (slower with many clients)", file=sys.stderr, flush=True)
-    return Scheduler(model, limits.slots, limits.max_waiting, limits.request_timeout)
 
 
 def server_state(request: Request) -> ServerState:
@@ -377,8 +357,9 @@ def _check_limits(body: CompletionRequest, state: ServerState) -> list[str]:
     return stop
 
 
-def settings_for(body: CompletionRequest, state: ServerState) -> tuple[str, SamplingSettings]:
-    """Check the request and turn it into the prompt and the engine's settings, or raise BadRequest."""
+def settings_for(body: CompletionRequest, state: ServerState) -> tuple[str, list[int], SamplingSettings]:
+    """Check the request and turn it into the prompt, its ids (encoded once, here) and the engine's settings,
+    or raise BadRequest."""
     prompt = _prompt_of(body)
     stop = _check_limits(body, state)
     settings = SamplingSettings(
@@ -387,15 +368,15 @@ def settings_for(body: CompletionRequest, state: ServerState) -> tuple[str, Samp
     )
     try:  # the engine's own checks, and the tokenizer's, before any decoding starts
         settings.validate(REQUEST_NAMES)
-        prompt_tokens = len(state.tokenizer.encode(prompt))
+        prompt_ids = state.tokenizer.encode(prompt)
     except SamplingError as exc:
         raise BadRequest(str(exc), exc.param) from None
     except TokenizerError as exc:
         raise BadRequest(f"prompt: {exc}", "prompt") from None
-    if prompt_tokens > state.max_prompt_tokens:
-        raise BadRequest(f"prompt is {prompt_tokens} tokens; this server takes at most {state.max_prompt_tokens} "
+    if len(prompt_ids) > state.max_prompt_tokens:
+        raise BadRequest(f"prompt is {len(prompt_ids)} tokens; this server takes at most {state.max_prompt_tokens} "
                          "(--max-prompt-tokens)", "prompt")
-    return prompt, settings
+    return prompt, prompt_ids, settings
 
 
 # --- one completion: its JSON, streamed or whole -------------------------------------------------------------------
@@ -412,65 +393,58 @@ def _logprobs_json(details: list[TokenDetail], prompt_length: int) -> dict[str, 
 
 @dataclass
 class _Generation:
-    """One completion under way: the decoding steps, their cancel flag, and what every JSON answer repeats."""
+    """One completion under way: the scheduler's stream of its chunks, and what every JSON answer repeats."""
 
     prompt: str
     settings: SamplingSettings
-    steps: Iterator[list[CompletionChunk]]
-    cancel: threading.Event
+    stream: Stream
     header: dict[str, Any]
     prompt_tokens: int
-    reader: StepReader | None = None  # the scheduler's steps, read straight from the event loop when streaming
-    tokenizer: Any = None
-    on_token: Callable[[int], None] | None = None
+    stats: _Stats
+    _counted: dict[int, int] = field(default_factory=dict)  # tokens of each sample already counted in stats
 
     @classmethod
-    def start(cls, state: ServerState, prompt: str, settings: SamplingSettings) -> _Generation:
-        """Submit the decoding of `prompt` (ServerBusy if the server is full); its steps come as `steps` is iterated."""
+    def start(cls, state: ServerState, prompt: str, prompt_ids: list[int], settings: SamplingSettings) -> _Generation:
+        """Submit the completion (ServerBusy if the server is full); its chunks come as `chunks()` is iterated."""
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": state.model_name}
-        cancel = threading.Event()
-        readers: list[StepReader] = []
+        stream = state.scheduler.submit(prompt_ids, settings)
+        return cls(prompt, settings, stream, header, len(prompt_ids), state.stats)
 
-        def batched(*args, **kwargs) -> StepReader:  # the scheduler's decode, keeping its reader at hand
-            readers.append(state.scheduler.decode(*args, with_logits=settings.logprobs is not None, **kwargs))
-            return readers[-1]
-
-        steps = stream_completion(state.model, state.tokenizer, prompt, settings, cancel=cancel,
-                                  step_lock=state.step_lock, on_token=state.stats.add_tokens,
-                                  decoder=batched if state.scheduler is not None else None)
-        return cls(prompt, settings, steps, cancel, header, len(state.tokenizer.encode(prompt)),
-                   readers[0] if readers else None, state.tokenizer, state.stats.add_tokens)
-
-    async def stream(self) -> AsyncIterator[list[CompletionChunk]]:
-        """The chunks as they come, read on the event loop: the scheduler's thread wakes it for each step,
-        and it never waits on a step that has not arrived (the bigram's decoding runs in worker threads)."""
-        if self.reader is None:
-            while (chunks := await run_in_threadpool(next, self.steps, None)) is not None:
-                yield chunks
-            return
+    async def chunks(self, still_wanted: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[list[CompletionChunk]]:
+        """The chunks as they come, read on the event loop: the scheduler's thread wakes it for each step, and it
+        never waits on a step that has not arrived. `still_wanted()`, asked while waiting, ends it early if False."""
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
-        self.reader.on_step(lambda: loop.call_soon_threadsafe(wake.set))
-        text = CompletionText(self.tokenizer, self.settings)
-        ended = False
-        while not ended:
-            wake.clear()
-            if self.reader.ready() == 0:
-                await wake.wait()
-                continue
-            chunks: list[CompletionChunk] = []
-            while not ended and self.reader.ready() > 0:  # every step decoded so far, without waiting
-                step = next(self.reader, None)
-                if step is None:  # the end: the token budget ran out (or the request was ended)
-                    ended = True
-                    chunks += [] if self.cancel.is_set() else text.finish()
-                    break
-                chunks += text.feed(step)
-                self.on_token(self.settings.num_samples)
-                ended = text.done  # every sample stopped at a stop string
-            if chunks:
-                yield _merged(chunks)
-        self.reader.close()
+        self.stream.on_step(lambda: loop.call_soon_threadsafe(wake.set))
+        checked = loop.time()
+        try:
+            while True:
+                if still_wanted is not None and loop.time() - checked > DISCONNECT_POLL_S:
+                    checked = loop.time()
+                    if not await still_wanted():
+                        return
+                wake.clear()
+                if self.stream.ready() == 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), DISCONNECT_POLL_S)
+                    continue
+                chunks: list[CompletionChunk] = []
+                ended = False
+                while self.stream.ready() > 0:  # every step decoded so far, without waiting
+                    step = next(self.stream, None)
+                    if step is None:
+                        ended = True
+                        break
+                    chunks += step
+                if chunks:
+                    merged = _merged(chunks)
+                    self.stats.add_tokens(sum(c.generated - self._counted.get(c.index, 0) for c in merged))
+                    self._counted.update((c.index, c.generated) for c in merged)
+                    yield merged
+                if ended:
+                    return
+        finally:
+            self.stream.close()
 
     def choice(self, chunk: CompletionChunk) -> dict[str, Any]:
         """One entry of "choices": a sample's text (or new piece of it), logprobs if asked, finish reason."""
@@ -494,37 +468,46 @@ def _merged(chunks: list[CompletionChunk]) -> list[CompletionChunk]:
     return [merged[i] for i in sorted(merged)]
 
 
+def _error_event(exc: Exception) -> str:
+    """A stream's error, in the API's error shape, as one server-sent event."""
+    kind = "invalid_request_error" if isinstance(exc, SamplingError) else "server_error"
+    return f"data: {json.dumps({'error': {'message': str(exc), 'type': kind, 'param': None, 'code': None}})}\n\n"
+
+
 async def _events(job: _Generation, stats: _Stats, include_usage: bool) -> AsyncIterator[str]:
     """The server-sent events of a streamed completion: one per chunk, usage if asked, then [DONE]."""
     generated: dict[int, int] = {}
     stats.add_active(1)
     try:
-        # If the client leaves, Starlette cancels this generator, and `finally` stops the decoding.
-        async for step in job.stream():
-            for chunk in step:
-                generated[chunk.index] = chunk.generated
-                payload = {**job.header, "choices": [job.choice(chunk)]}
-                yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        # If the client leaves, Starlette cancels this generator, and `finally` ends the request.
+        try:
+            async for step in job.chunks():
+                for chunk in step:
+                    generated[chunk.index] = chunk.generated
+                    payload = {**job.header, "choices": [job.choice(chunk)]}
+                    yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        except ScratchGPTError as exc:  # this request's own failure (or the engine's): said in the stream
+            yield _error_event(exc)
         if include_usage:
             yield f"data: {json.dumps({**job.header, 'choices': [], 'usage': job.usage(generated)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel.set()
-        if job.reader is not None:
-            job.reader.close()
+        job.stream.close()
         stats.add_active(-1)
 
 
-async def _run_to_end(job: _Generation, request: Request, stats: _Stats) -> list[list[CompletionChunk]]:
-    """Decode every step in a worker thread, cancelling it if the client disconnects meanwhile."""
+async def _run_to_end(job: _Generation, request: Request, stats: _Stats) -> list[list[CompletionChunk]] | None:
+    """Every chunk of the completion, or None if the client disconnected meanwhile (its slots then free up)."""
     stats.add_active(1)
+    left = False
+
+    async def still_wanted() -> bool:
+        nonlocal left
+        left = await request.is_disconnected()
+        return not left
     try:
-        work = asyncio.ensure_future(run_in_threadpool(list, job.steps))
-        while not work.done():
-            await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-            if not work.done() and await request.is_disconnected():
-                job.cancel.set()  # nobody will read the answer: stop after the current token
-        return work.result()
+        steps = [step async for step in job.chunks(still_wanted)]
+        return None if left else steps
     finally:
         stats.add_active(-1)
 
@@ -555,14 +538,14 @@ router = APIRouter()
 @router.get("/", response_class=HTMLResponse)
 async def playground() -> HTMLResponse:
     """GET /: the web playground page."""
-    return HTMLResponse((resources.files("scratchgpt") / "static" / "playground.html").read_text(encoding="utf-8"))
+    return HTMLResponse((resources.files("scratchgpt.serving") / "static" / "playground.html").read_text(encoding="utf-8"))
 
 
 @router.get("/health")
 async def health(state: State) -> dict[str, Any]:
     """GET /health: the model's name, config and size, the cap, and what the server is doing (ServerState.load);
     status "ok", or "unavailable: <why>" once the scheduler has stopped."""
-    stopped = state.scheduler.stopped if state.scheduler is not None else None
+    stopped = state.scheduler.stopped
     return {
         "status": "ok" if stopped is None else f"unavailable: {stopped}",
         "model": state.model_name,
@@ -585,14 +568,17 @@ async def models(state: State) -> dict[str, Any]:
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request, state: State) -> dict[str, Any] | Response:
     """POST /v1/completions: check the request, then stream the completion as events or answer it whole."""
-    prompt, settings = settings_for(body, state)
-    job = _Generation.start(state, prompt, settings)  # a full server raises ServerBusy here, before any response: 429
+    prompt, prompt_ids, settings = settings_for(body, state)
+    job = _Generation.start(state, prompt, prompt_ids, settings)  # a full server raises ServerBusy here: 429
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_events(job, state.stats, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    steps = await _run_to_end(job, request, state.stats)
-    if job.cancel.is_set():
+    try:
+        steps = await _run_to_end(job, request, state.stats)
+    except SamplingError as exc:  # its own settings broke its arithmetic: its fault, and only its
+        return _error(400, str(exc))
+    if steps is None:
         return _error(499, "the client closed the request")
     return _whole_answer(job, steps)
 
@@ -655,8 +641,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     """
     import uvicorn
 
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .device import resolve_device
+    from ..checkpoint import load_checkpoint, resolve_checkpoint
+    from ..device import resolve_device
 
     directory = resolve_checkpoint(checkpoint)
     model, tokenizer, config, _ = load_checkpoint(directory, resolve_device(device))

@@ -17,12 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, DataConfig, ModelConfig, TrainConfig
-from .errors import CheckpointError, InteropError
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import Config, DataConfig, ModelConfig, TrainConfig
+from ..errors import CheckpointError, InteropError
+from ..model import GPT
+from ..version import __version__
 from .hf_tokenizer import load_any_tokenizer, read_hf_tokenizer, write_hf_tokenizer
-from .model import GPT
-from .version import __version__
 
 # GPT-2's Conv1D layers hold weights as (in, out); nn.Linear holds (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .batches import BatchSampler
-from .build import build_model
-from .config import Config
-from .data import dataset_from_config
-from .device import autocast_dtype, compile_model, governed, resolve_device, threads_now
-from .optim import configure_optimizer
-from .train import accumulate_gradients, apply_gradients
+from ..batches import BatchSampler
+from ..build import build_model
+from ..config import Config
+from ..data import dataset_from_config
+from ..device import autocast_dtype, compile_model, governed, resolve_device, threads_now
+from ..optim import configure_optimizer
+from ..train import accumulate_gradients, apply_gradients
 
 
 @dataclass
@@ -134,20 +134,22 @@ def bench_sample(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: 
     Both generations advance `block` tokens at a time in turn, so that both see the same
     machine load; each path's time is the sum of its blocks, prefills and window jumps included.
     """
-    from .engine import decode, default_keep
+    from ..inference.engine import default_keep
+    from ..sample import generate
 
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     for use_cache in (True, False):  # warm-up: allocator, kernels, lazy initialisation
-        for _ in decode(model, idx, 4, temperature=0, use_cache=use_cache):
+        for _ in generate(model, idx, 4, temperature=0, use_cache=use_cache):
             pass
-    paths = {name: decode(model, idx, max_new_tokens, temperature=0, use_cache=name == "cached") for name in ("cached", "naive")}
+    paths = {name: generate(model, idx, max_new_tokens, temperature=0, use_cache=name == "cached")
+             for name in ("cached", "naive")}
     seconds = {name: 0.0 for name in paths}
     tokens: dict[str, list[int]] = {name: [] for name in paths}
     while any(len(t) < max_new_tokens for t in tokens.values()):
         for name, steps in paths.items():
             start = time.perf_counter()
-            ids = [int(step.ids[0]) for _, step in zip(range(block), steps, strict=False)]
+            ids = [int(step[0]) for _, step in zip(range(block), steps, strict=False)]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[name] += time.perf_counter() - start

@@ -1,0 +1,100 @@
+"""The keys and values a decoding model keeps, so that each new token costs one position's work.
+
+`KVCache` holds a fixed number of rows (sequences), each with its own length, preallocated for
+block_size positions plus one scratch position. The model asks it three things, whatever it
+holds: the positions of the tokens it is given (`positions`), which keys each query may see
+(`mask`, None for the plain causal triangle), and where to put the new keys and values
+(`update`). The engine (engine.py) chooses what the next forward pass is:
+
+- `prefill(rows, T)`: T tokens of a window, at positions 0..T-1, into the given rows; the
+  queries see only each other (causal), so the model can use the fused causal kernel;
+- `decode(active)`: one token for every row at once, shape (rows, 1), each at its own
+  position. Rows not `active` (free, or just prefilled) idle: they write to the scratch
+  position and see only it, so the step's shape never changes and rows never mix: a request's
+  arithmetic is the same alone or beside fifteen others.
+
+After the forward pass the engine calls `advance()`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class KVCache:
+    """Keys and values of every layer for `rows` sequences of up to block_size tokens, each with its own length."""
+
+    def __init__(self, n_layer: int, rows: int, n_head: int, block_size: int, head_size: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layer, rows, n_head, block_size + 1, head_size)  # + 1: the scratch position
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # positions cached per row
+        self._key_positions = torch.arange(block_size + 1, device=device)  # (K,)
+        self._all_rows = torch.arange(rows, device=device)
+        self.decode(torch.zeros(rows, dtype=torch.bool, device=device))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, rows: int = 1) -> KVCache:
+        """An empty cache of `rows` sequences shaped for `model`'s layers and heads, on its device and dtype.
+
+        A model without attention layers (the bigram) gets a cache with no layers: only positions.
+        """
+        c = model.config
+        weight = next(model.parameters())
+        layers = c.n_layer if hasattr(model, "transformer") else 0
+        return cls(layers, rows, c.n_head, c.block_size, c.head_size, weight.device, weight.dtype)
+
+    @property
+    def rows(self) -> int:
+        return self.lengths.numel()
+
+    # --- what the next forward pass is ----------------------------------------------------------
+
+    def prefill(self, rows: torch.Tensor, length: int) -> None:
+        """The next pass is `length` tokens of a window for each of `rows` (r,): positions 0..length-1, causal."""
+        self._mode, self._rows, self._length = "prefill", rows, length
+        self.positions = torch.arange(length, device=rows.device).unsqueeze(0)  # (1, T), shared by the rows
+        self.mask = None  # the causal triangle: the queries see only each other
+
+    def decode(self, active: torch.Tensor) -> None:
+        """The next pass is one token for every row (rows, 1); `active` (rows,) bool says which rows take part."""
+        self._mode, self.active = "decode", active
+        self._write = torch.where(active, self.lengths, self.block_size)  # an idle row writes to the scratch position
+        self.positions = torch.where(active, self.lengths, 0).unsqueeze(1)  # (rows, 1)
+        own = (self._key_positions <= self.lengths[:, None]) & active[:, None]  # its past and itself
+        idle = (self._key_positions == self.block_size) & ~active[:, None]  # an idle row sees its scratch key only
+        self.mask = (own | idle).view(self.rows, 1, 1, -1)  # (rows, 1, 1, K), shared by the heads
+
+    # --- what the model calls --------------------------------------------------------------------
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys and values (B, nh, T, hs); return the keys and values the queries attend over."""
+        if self._mode == "prefill":  # the window starts at position 0: its own keys are all there is
+            self.keys[layer, self._rows, :, :self._length] = k
+            self.values[layer, self._rows, :, :self._length] = v
+            return k, v
+        self.keys[layer, self._all_rows, :, self._write] = k[:, :, 0]  # (rows, nh, hs) at (row, :, position)
+        self.values[layer, self._all_rows, :, self._write] = v[:, :, 0]
+        return self.keys[layer], self.values[layer]  # (rows, nh, K, hs), masked by `mask`
+
+    # --- after the pass ----------------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """The pass is done: the prefilled rows hold their window, or each active row one more position."""
+        if self._mode == "prefill":
+            self.lengths[self._rows] = self._length
+        else:
+            self.lengths += self.active
+
+    def copy_row(self, source: int, targets: torch.Tensor) -> None:
+        """Give rows `targets` the cached positions of row `source`: one prompt's prefill shared by n samples."""
+        self.keys[:, targets] = self.keys[:, source:source + 1].clone()  # (L, 1, nh, K, hs) -> (L, n - 1, nh, K, hs)
+        self.values[:, targets] = self.values[:, source:source + 1].clone()
+        self.lengths[targets] = int(self.lengths[source])
+
+    def free(self, rows: torch.Tensor) -> None:
+        """Forget what `rows` hold (the memory stays allocated)."""
+        self.lengths[rows] = 0

@@ -1,0 +1,176 @@
+"""From token ids to text that is final: incremental decoding, stop strings and log-probabilities.
+
+`TextStream` follows one sample. Each new token is decoded together with the few tokens before
+it (never the whole text again, so the work per token stays the same however long the text
+grows), and only the new characters are kept: a character that several byte tokens spell
+appears once it is whole. Text that could be the start of a stop string waits; the stop
+string itself is never part of the text. `CompletionText` does this for a request's samples and
+reports each token's log-probability when asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_PENDING_TOKENS = 8  # an unfinished character waits for at most this many tokens (UTF-8 needs 4 bytes)
+
+
+def find_stop(text: str, stops: Sequence[str], begin: int = 0) -> int | None:
+    """Index in text where the earliest stop string starts (searching from `begin`), or None."""
+    found = [i for s in stops if s and (i := text.find(s, begin)) >= 0]
+    return min(found) if found else None
+
+
+def partial_stop_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string: text that must wait."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+@dataclass
+class TextChunk:
+    """Text that has become final, and the indices of the tokens whose text begins in it."""
+
+    text: str
+    tokens: range
+
+
+class TextStream:
+    """One sequence's generated text, released as it becomes final, ended by a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.offsets: list[int] = []  # where each token's text begins in the generated text
+        self.text = ""  # the decoded text, possibly beyond what was released
+        self._context = 0  # decoding starts at this token: the one before the newest whole characters
+        self._context_text = ""  # what ids[_context:_decoded] decode to
+        self._decoded = 0  # tokens whose text is in self.text
+        self.released = 0  # characters of text released so far
+        self.released_tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, token_id: int) -> TextChunk:
+        """Add one generated token; return the text (maybe empty) that became final."""
+        if self.finish_reason is not None:
+            raise RuntimeError("this text has already ended")
+        self.offsets.append(len(self.text))
+        self.ids.append(token_id)
+        self._decode_new()
+        cut = find_stop(self.text, self.stop, begin=max(0, self.released - self.longest_stop + 1))
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+            return self._release(cut)
+        return self._release(len(self.text) - partial_stop_length(self.text, self.stop))
+
+    def _decode_new(self, force: bool = False) -> None:
+        """Decode the tokens not yet in the text, with one token of context before them (a tokenizer may spell a
+        token differently at the start of a text); wait while they end in an unfinished character."""
+        pieces = self.tokenizer.decode(self.ids[self._context:])
+        waiting = len(self.ids) - self._decoded
+        if pieces.endswith("\ufffd") and waiting < MAX_PENDING_TOKENS and not force:
+            return
+        if len(pieces) <= len(self._context_text) and not force:
+            return
+        self.text += pieces[len(self._context_text):]
+        self._context = len(self.ids) - 1 if len(self.ids) > 1 else 0
+        self._context_text = self.tokenizer.decode(self.ids[self._context:])
+        self._decoded = len(self.ids)
+
+    def finish(self, reason: str = "length") -> TextChunk:
+        """End the text (the token budget ran out): release everything still held."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            if self._decoded < len(self.ids):
+                self._decode_new(force=True)
+        return self._release(len(self.text), all_tokens=self.finish_reason != "stop")
+
+    def _release(self, end: int, all_tokens: bool = False) -> TextChunk:
+        text = self.text[self.released:end]
+        self.released = max(self.released, end)
+        first = self.released_tokens
+        last = len(self.ids) if all_tokens else first
+        if not all_tokens:
+            while last < len(self.ids) and self.offsets[last] < self.released:
+                last += 1
+        self.released_tokens = last
+        return TextChunk(text, range(first, last))
+
+
+@dataclass
+class TokenDetail:
+    """One generated token as the model saw it: its text, log-probability and the top alternatives."""
+
+    text: str
+    offset: int  # where its text begins in the generated text
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)  # alternative token text -> log-probability
+
+
+@dataclass
+class CompletionChunk:
+    """New final text of one sample, the details of its tokens, and why it ended (once it has)."""
+
+    index: int
+    text: str
+    tokens: list[TokenDetail]
+    finish_reason: str | None = None
+    generated: int = 0  # tokens this sample has generated so far
+
+
+def token_details(tokenizer, logits: torch.Tensor, chosen: int, offset: int, n_top: int) -> TokenDetail:
+    """Log-probabilities of the model's own distribution (logits (V,), before temperature, penalties, filters)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+    values, ids = torch.topk(logprobs, min(n_top, logprobs.numel()))
+    top = {tokenizer.decode([int(i)]): float(v) for v, i in zip(values, ids, strict=True)}
+    top.setdefault(tokenizer.decode([chosen]), float(logprobs[chosen]))  # the chosen one is always listed
+    return TokenDetail(tokenizer.decode([chosen]), offset, float(logprobs[chosen]), top)
+
+
+class CompletionText:
+    """The samples' text as their tokens arrive: each step's new final text, cut at stop strings."""
+
+    def __init__(self, tokenizer, settings):
+        self.tokenizer = tokenizer
+        self.logprobs = settings.logprobs
+        self.streams = [TextStream(tokenizer, settings.stop) for _ in range(settings.num_samples)]
+        self.details: list[list[TokenDetail]] = [[] for _ in self.streams]
+
+    @property
+    def done(self) -> bool:
+        """Every sample has ended at a stop string."""
+        return all(s.finish_reason is not None for s in self.streams)
+
+    def feed(self, ids: list[int], logits: torch.Tensor | None = None) -> list[CompletionChunk]:
+        """The chunks of new text (and token details) these tokens (one per sample) make final."""
+        chunks = []
+        for i, stream in enumerate(self.streams):
+            if stream.finish_reason is not None:  # ended at a stop string; its row runs on unused
+                continue
+            if self.logprobs is not None and logits is not None:
+                self.details[i].append(token_details(self.tokenizer, logits[i], ids[i], len(stream.text), self.logprobs))
+            chunk = stream.add(ids[i])
+            if chunk.text or chunk.tokens or stream.finish_reason:
+                chunks.append(self._chunk(i, chunk))
+        return chunks
+
+    def finish(self, reason: str = "length") -> list[CompletionChunk]:
+        """The last chunk of each sample that has not ended at a stop string."""
+        return [self._chunk(i, s.finish(reason)) for i, s in enumerate(self.streams) if s.finish_reason is None]
+
+    def _chunk(self, index: int, chunk: TextChunk) -> CompletionChunk:
+        details = self.details[index]
+        tokens = [details[t] for t in chunk.tokens if t < len(details)]  # no details unless logprobs were asked for
+        stream = self.streams[index]
+        return CompletionChunk(index, chunk.text, tokens, stream.finish_reason, len(stream.ids))
