@@ -303,14 +303,10 @@ def test_gpt2_vocab_and_merges_read_like_transformers(tmp_path, small_corpus):
 
 
 def _bpe_tokenizer(hf):
-    """Our BPE tokenizer around `hf`, once the tokenizer module has one."""
-    from scratchgpt.errors import TokenizerError
+    """Our BPE tokenizer around `hf` (a failure to load it is a failure of the test)."""
     from scratchgpt.tokenizer import tokenizer_from_dict
 
-    try:
-        return tokenizer_from_dict({"type": "bpe", "hf_tokenizer": json.loads(hf.to_str())})
-    except TokenizerError:
-        pytest.skip("scratchgpt.tokenizer has no BPE tokenizer on this branch yet")
+    return tokenizer_from_dict({"type": "bpe", "hf_tokenizer": json.loads(hf.to_str())})
 
 
 def test_bpe_export_loads_in_transformers_and_imports_back(tmp_path, small_corpus):
