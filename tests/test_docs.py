@@ -202,7 +202,6 @@ def test_the_command_finder_reads_chains_continuations_and_comments():
 @pytest.mark.parametrize("page", DOC_PAGES, ids=lambda page: page.relative_to(REPO).as_posix())
 def test_every_documented_command_parses(page):
     parser = build_parser()
-    subcommands = parser.subcommands
     failures = []
     for argv in scratchgpt_commands(page.read_text(encoding="utf-8")):
         stderr = io.StringIO()

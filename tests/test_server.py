@@ -161,6 +161,32 @@ def test_sixteen_concurrent_requests_get_the_text_of_one(served):
     assert post(url, **{**body, "seed": 124}).json()["choices"][0]["text"] != alone
 
 
+def test_every_door_gives_the_same_text_for_a_seed(served, tiny_run, capsys):
+    """scratchgpt sample, generate_text, and the server alone, streamed, and beside 15 others with extreme settings."""
+    from scratchgpt.cli import main
+
+    url, model, tokenizer = served
+    settings = dict(max_tokens=40, temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.1, seed=77)
+    library = generate_text(model, tokenizer, "the ", max_new_tokens=40, temperature=0.9, top_k=20, top_p=0.95,
+                            repetition_penalty=1.1, seed=77)
+    assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", "the ", "--max-new-tokens", "40",
+                 "--temperature", "0.9", "--top-k", "20", "--top-p", "0.95", "--repetition-penalty", "1.1",
+                 "--seed", "77"]) == 0
+    assert capsys.readouterr().out == "the " + library + "\n"
+    assert post(url, prompt="the ", **settings).json()["choices"][0]["text"] == library
+    assert "".join(e["choices"][0]["text"] for e in stream_events(url, prompt="the ", **settings)[:-1]) == library
+    extreme = [dict(temperature=1e-4, top_k=1), dict(repetition_penalty=1000.0, top_k=3), dict(temperature=2.0, n=3),
+               dict(temperature=0, stop=["e"])]
+
+    def neighbour(i: int) -> int:
+        return post(url, prompt="ab" * (i + 1), max_tokens=60, seed=i, **extreme[i % len(extreme)]).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        beside = pool.submit(lambda: post(url, prompt="the ", **settings).json()["choices"][0]["text"])
+        codes = list(pool.map(neighbour, range(15)))
+        assert beside.result() == library and set(codes) == {200}
+
+
 def wait_until_idle(url: str, timeout: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -148,6 +148,28 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _add_sample_parser(commands) -> None:
+    p = commands.add_parser("sample", help="generate text from a checkpoint", epilog=SAMPLE_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Continue a prompt with a trained model, streaming characters as they are generated.")
+    p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample, at least 1 (default 500)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (always the most likely token)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose probability adds up to p")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations decoded together in one batch (the first streams)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less likely")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample where TEXT appears (not included); repeatable; in bash $'\\n' is a newline")
+    p.add_argument("--no-kv-cache", action="store_true", help="full forward pass per token: the slow reference path")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decoding step as one compiled program: tens of seconds to compile the first time "
+                        "(then cached on disk), faster for long outputs")
+    _add_device_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scratchgpt", description="A GPT built from scratch: train it on text, then sample from it.",
                      epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,22 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(p)
 
-    p = commands.add_parser("sample", help="generate text from a checkpoint", epilog=SAMPLE_EXAMPLES,
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            description="Continue a prompt with a trained model, streaming characters as they are generated.")
-    p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample, at least 1 (default 500)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (always the most likely token)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose probability adds up to p")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    p.add_argument("--num-samples", type=int, default=1, help="continuations decoded together in one batch (the first streams)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less likely")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample where TEXT appears (not included); repeatable; in bash $'\\n' is a newline")
-    p.add_argument("--no-kv-cache", action="store_true", help="full forward pass per token: the slow reference path")
-    _add_device_flags(p)
+    _add_sample_parser(commands)
 
     p = commands.add_parser("eval", help="loss on the whole validation split", epilog=EVAL_EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -311,6 +318,8 @@ def _add_serve_parser(commands) -> None:
                    help="requests that may wait for a free slot; beyond them the server answers 429 (default %(default)s)")
     p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                    help="seconds a request may generate before it is ended with finish_reason length (default %(default)g)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the engine's decoding step (at the first request: tens of seconds, then cached on disk)")
     p.add_argument("--in-process", action="store_true",
                    help="run the model in the server's own process instead of a second one (they then share one "
                         "Python interpreter lock: slower with many clients, one process less)")
@@ -495,7 +504,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # The samples are decoded together in one batch: the first streams, the others print at the end.
     others: list[list[str]] = [[] for _ in range(args.num_samples)]
     sys.stdout.write(args.prompt)
-    for chunks in stream_completion(model, tokenizer, args.prompt, settings):
+    for chunks in stream_completion(model, tokenizer, args.prompt, settings, compile=args.compile):
         for chunk in chunks:
             if chunk.index == 0:
                 sys.stdout.write(chunk.text)
@@ -598,7 +607,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ScratchGPTError(f"{flag} must be >= {least}, got {value}")
     if not 0 < args.request_timeout < math.inf:
         raise ScratchGPTError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
-    batching = BatchingLimits(args.slots, args.max_waiting, args.request_timeout, own_process=not args.in_process)
+    batching = BatchingLimits(args.slots, args.max_waiting, args.request_timeout, own_process=not args.in_process,
+                              compile=args.compile)
     serve(args.checkpoint, args.host, args.port, args.max_tokens_cap, args.device, api_key=api_key,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, drain_seconds=args.drain_seconds,
           batching=batching)

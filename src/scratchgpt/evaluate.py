@@ -64,6 +64,16 @@ def bits_per_character(loss_per_token: float, n_tokens: int, n_chars: int) -> fl
 
 
 @torch.no_grad()
+def _window_batches(n_targets: int, block_size: int, batch_size: int) -> list[tuple[list[int], int]]:
+    """(window starts, window length) per batch: consecutive full windows, then the last, shorter one."""
+    n_full = n_targets // block_size
+    starts = [i * block_size for i in range(n_full)]
+    batches = [(starts[i : i + batch_size], block_size) for i in range(0, n_full, batch_size)]
+    if n_targets % block_size:
+        batches.append(([n_full * block_size], n_targets % block_size))
+    return batches
+
+
 def evaluate_split(
     model: torch.nn.Module,
     ids: np.ndarray,
@@ -97,13 +107,9 @@ def evaluate_split(
             logits, _ = model(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
 
-    n_full = n_targets // block_size
-    starts = [i * block_size for i in range(n_full)]
+    batches = _window_batches(n_targets, block_size, batch_size)
     was_training = model.training
     model.eval()
-    batches = [(starts[i : i + batch_size], block_size) for i in range(0, n_full, batch_size)]
-    if n_targets % block_size:  # the last, shorter window
-        batches.append(([n_full * block_size], n_targets % block_size))
     total = 0.0
     try:
         with progress_bar(len(batches), description, progress) as bar:

@@ -43,7 +43,7 @@ def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     # Scaling q (T x hs) rather than the scores (T x S) is the cheaper of the two.
     scores = (q * (1.0 / math.sqrt(head_size))) @ k.transpose(-2, -1)  # (B, nh, T, hs) @ (B, nh, hs, S) -> (B, nh, T, S)
-    scores = scores.masked_fill(~mask, float("-inf"))  # after the softmax, the future gets zero weight
+    scores = torch.where(mask, scores, float("-inf"))  # after the softmax, the future gets zero weight
     weights = F.softmax(scores, dim=-1)
     weights = F.dropout(weights, p=dropout_p, training=training)
     return weights @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)

@@ -11,7 +11,10 @@ holds: the positions of the tokens it is given (`positions`), which keys each qu
 - `decode(active)`: one token for every row at once, shape (rows, 1), each at its own
   position. Rows not `active` (free, or just prefilled) idle: they write to the scratch
   position and see only it, so the step's shape never changes and rows never mix: a request's
-  arithmetic is the same alone or beside fifteen others.
+  arithmetic is the same alone or beside fifteen others. (`decode(active, length=L)`, when
+  every row takes part at the same length L, as one caller's samples do, attends over the
+  L + 1 positions in use only: cheaper eager, but a shape that changes every step, which the
+  compiled step does not use.)
 
 After the forward pass the engine calls `advance()`.
 """
@@ -33,7 +36,7 @@ class KVCache:
         self.block_size = block_size
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # positions cached per row
         self._key_positions = torch.arange(block_size + 1, device=device)  # (K,)
-        self._all_rows = torch.arange(rows, device=device)
+        self._all_keys = torch.ones(1, 1, 1, block_size + 1, dtype=torch.bool, device=device)
         self.decode(torch.zeros(rows, dtype=torch.bool, device=device))
 
     @classmethod
@@ -59,14 +62,21 @@ class KVCache:
         self.positions = torch.arange(length, device=rows.device).unsqueeze(0)  # (1, T), shared by the rows
         self.mask = None  # the causal triangle: the queries see only each other
 
-    def decode(self, active: torch.Tensor) -> None:
-        """The next pass is one token for every row (rows, 1); `active` (rows,) bool says which rows take part."""
+    def decode(self, active: torch.Tensor, length: int | None = None) -> None:
+        """The next pass is one token for every row (rows, 1); `active` (rows,) bool says which rows take part, or
+        `length`: all of them, each holding `length` positions."""
         self._mode, self.active = "decode", active
-        self._write = torch.where(active, self.lengths, self.block_size)  # an idle row writes to the scratch position
-        self.positions = torch.where(active, self.lengths, 0).unsqueeze(1)  # (rows, 1)
-        own = (self._key_positions <= self.lengths[:, None]) & active[:, None]  # its past and itself
-        idle = (self._key_positions == self.block_size) & ~active[:, None]  # an idle row sees its scratch key only
-        self.mask = (own | idle).view(self.rows, 1, 1, -1)  # (rows, 1, 1, K), shared by the heads
+        if length is not None:
+            self._mode, self._length = "uniform", length
+            self.positions = torch.full((1, 1), length, device=active.device)  # (1, 1), shared by the rows
+            self.mask = self._all_keys[..., :length + 1]  # (1, 1, 1, L + 1): every row sees its past and itself
+            return
+        write = torch.where(active, self.lengths, self.block_size)[:, None]  # (rows, 1): an idle row writes to scratch
+        first = torch.where(active, 0, self.block_size)[:, None]  # an active row sees 0..its length, an idle one scratch
+        self.positions = write.clamp(max=self.block_size - 1)  # (rows, 1); an idle row's position is never used
+        self.mask = ((self._key_positions >= first) & (self._key_positions <= write)).view(self.rows, 1, 1, -1)  # (rows, 1, 1, K)
+        n_head, head_size = self.keys.shape[2], self.keys.shape[4]
+        self._write = write.view(-1, 1, 1, 1).expand(-1, n_head, 1, head_size)  # where each row's new key goes
 
     # --- what the model calls --------------------------------------------------------------------
 
@@ -76,8 +86,13 @@ class KVCache:
             self.keys[layer, self._rows, :, :self._length] = k
             self.values[layer, self._rows, :, :self._length] = v
             return k, v
-        self.keys[layer, self._all_rows, :, self._write] = k[:, :, 0]  # (rows, nh, hs) at (row, :, position)
-        self.values[layer, self._all_rows, :, self._write] = v[:, :, 0]
+        if self._mode == "uniform":  # every row at the same position: a slice, and only the positions in use
+            end = self._length + 1
+            self.keys[layer, :, :, self._length:end] = k
+            self.values[layer, :, :, self._length:end] = v
+            return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        self.keys[layer].scatter_(2, self._write, k)  # (rows, nh, 1, hs) into (rows, nh, K, hs) at each row's position
+        self.values[layer].scatter_(2, self._write, v)
         return self.keys[layer], self.values[layer]  # (rows, nh, K, hs), masked by `mask`
 
     # --- after the pass ----------------------------------------------------------------------------
@@ -86,6 +101,8 @@ class KVCache:
         """The pass is done: the prefilled rows hold their window, or each active row one more position."""
         if self._mode == "prefill":
             self.lengths[self._rows] = self._length
+        elif self._mode == "uniform":
+            self.lengths.fill_(self._length + 1)
         else:
             self.lengths += self.active
 

@@ -44,6 +44,7 @@ from ..device import tick
 from ..errors import ScratchGPTError
 from ..filters import repetition_penalty_filter, top_k_filter, top_p_filter
 from .cache import KVCache
+from .compiled import compiled_step_for, eager_step
 from .text import CompletionChunk, CompletionText
 
 
@@ -142,6 +143,7 @@ class Request:
     tokens: list[list[int]] = field(default_factory=list)  # each sample's prompt and generated tokens
     start: int = 0  # where the context window starts in `tokens`
     rows: torch.Tensor | None = None  # its rows of the engine's cache, one per sample
+    row_list: list[int] = field(default_factory=list)  # the same rows, as Python ints
     generated: int = 0
     done: bool = False
     error: Exception | None = None
@@ -192,7 +194,8 @@ class Engine:
     """Decodes every started request over one cache: a prefill when a request starts or its window
     jumps, then one forward pass of shape (rows, 1) per step for all of them."""
 
-    def __init__(self, model: torch.nn.Module, rows: int = 1, keep: int | None = None):
+    def __init__(self, model: torch.nn.Module, rows: int = 1, keep: int | None = None, compile: bool = False):
+        """`compile`: run each decoding step as one compiled program (compiled.py), eager if that cannot work."""
         self.model = model.eval()
         self.block_size = model.config.block_size
         self.keep = keep or default_keep(self.block_size)
@@ -203,7 +206,7 @@ class Engine:
         self.free_rows = list(range(rows))
         self.running: list[Request] = []
         self._noise = None  # (rows, V): the race's Exp(1) draws, one row per sample
-        self._step = model  # what runs a decoding step's forward pass (compiled.py may swap in a compiled one)
+        self._step = compiled_step_for(model) if compile else eager_step  # the forward pass of a decoding step
 
     @property
     def rows(self) -> int:
@@ -220,7 +223,7 @@ class Engine:
         if not self.can_start(request):
             raise RuntimeError("no free rows for this request: check can_start first")
         rows = [self.free_rows.pop(0) for _ in range(request.n)]
-        request.rows = torch.tensor(rows, device=self.device)
+        request.rows, request.row_list = torch.tensor(rows, device=self.device), rows
         request.start = max(0, len(request.prompt) - self.block_size)
         self.running.append(request)
         return self._prefill(request)
@@ -263,29 +266,31 @@ class Engine:
 
     def _decode(self, batch: list[Request]) -> list[Output]:
         """One forward pass at shape (rows, 1): each running sample's newest token; idle rows wait."""
-        last = torch.zeros(self.rows, dtype=torch.long)
-        active = torch.zeros(self.rows, dtype=torch.bool)
+        last, active = [0] * self.rows, [False] * self.rows
         for request in batch:
-            rows = request.rows.cpu()
-            last[rows] = torch.tensor([sample[-1] for sample in request.tokens])
-            active[rows] = True
-        self.cache.decode(active.to(self.device))
-        logits = self._step(last.to(self.device).view(-1, 1), cache=self.cache)[0][:, -1]  # (rows, V)
-        self.cache.advance()
-        return self._draw(logits, [(request, request.rows) for request in batch])
+            for row, sample in zip(request.row_list, request.tokens, strict=True):
+                last[row], active[row] = sample[-1], True
+        tokens = torch.tensor(last, device=self.device).view(-1, 1)  # (rows, 1)
+        lengths = {len(r.tokens[0]) - 1 - r.start for r in batch}  # what each request's rows hold
+        same = lengths.pop() if len(lengths) == 1 and all(active) else None  # every row, one length: cache.py's shortcut
+        logits = self._step(self.model, tokens, self.cache, torch.tensor(active, device=self.device), same)  # (rows, V)
+        return self._draw(logits, [(request, _rows_index(request)) for request in batch])
 
     def _draw(self, logits: torch.Tensor, groups: list[tuple[Request, Any]]) -> list[Output]:
         """Each request's next tokens from its rows of `logits` (R, V), as filters.sample_next draws them."""
+        if all(r.settings.greedy and r.settings.repetition_penalty == 1.0 for r, _ in groups):  # argmax alone
+            chosen = logits.argmax(dim=-1).tolist()
+            return [self._output(request, rows, chosen, None, logits) for request, rows in groups]
         scores = logits.float().clone()  # its own copy: the penalties below write into it, the logits stay raw
-        temperature = torch.ones(scores.size(0), 1, device=scores.device)
+        temperature, greedy = [1.0] * scores.size(0), [False] * scores.size(0)
         for request, rows in groups:
             s = request.settings
             if s.repetition_penalty != 1.0:
                 previous = torch.tensor(_per_sample(request.tokens, request.n), device=scores.device)  # (n, T)
                 scores[rows] = repetition_penalty_filter(scores[rows], previous, s.repetition_penalty)
-            if not s.greedy:
-                temperature[rows] = s.temperature
-        scores = scores / temperature
+            for i in _indices(rows):
+                temperature[i], greedy[i] = (1.0, True) if s.greedy else (s.temperature, False)
+        scores = scores / torch.tensor(temperature, device=scores.device).view(-1, 1)
         for request, rows in groups:
             if request.settings.filtered and not request.settings.greedy:
                 scores[rows] = top_p_filter(top_k_filter(scores[rows], request.settings.top_k), request.settings.top_p)
@@ -295,11 +300,10 @@ class Engine:
             if not request.settings.greedy:
                 _fill_exponential(noise, rows, request.generator)
         chosen = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([False] * scores.size(0), device=scores.device)
-        for request, rows in groups:
-            greedy[rows] = request.settings.greedy
-        chosen = torch.where(greedy, scores.argmax(dim=-1), chosen).tolist()
+        if any(greedy):
+            chosen = torch.where(torch.tensor(greedy, device=scores.device), scores.argmax(dim=-1), chosen)
         broken = probs.sum(dim=-1).isnan().tolist()  # a row the arithmetic broke (overflow to inf, then NaN)
+        chosen = chosen.tolist()
         return [self._output(request, rows, chosen, broken, logits) for request, rows in groups]
 
     def _noise_for(self, probs: torch.Tensor) -> torch.Tensor:
@@ -309,9 +313,10 @@ class Engine:
             self._noise = torch.ones_like(probs)
         return self._noise
 
-    def _output(self, request: Request, rows, chosen: list[int], broken: list[bool], logits: torch.Tensor) -> Output:
-        index = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
-        if any(broken[i] for i in index):
+    def _output(self, request: Request, rows, chosen: list[int], broken: list[bool] | None,
+                logits: torch.Tensor) -> Output:
+        index = _indices(rows)
+        if broken is not None and any(broken[i] for i in index):
             request.error = SamplingError("the sampling arithmetic overflowed for these settings (NaN probabilities): "
                                           "use a temperature nearer 1 or a repetition_penalty nearer 1")
             request.done = True
@@ -328,8 +333,18 @@ class Engine:
         if request in self.running:
             self.running.remove(request)
             self.cache.free(request.rows)
-            self.free_rows.extend(request.rows.tolist())
+            self.free_rows.extend(request.row_list)
             self.free_rows.sort()
+
+
+def _rows_index(request: Request):
+    """How to index the request's rows of a step's (rows, V) tensors: a slice where they are neighbours."""
+    first, last = request.row_list[0], request.row_list[-1]
+    return slice(first, last + 1) if last - first + 1 == len(request.row_list) else request.rows
+
+
+def _indices(rows) -> list[int] | range:
+    return range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
 
 
 def _per_sample(tokens: list[list[int]], n: int) -> list[list[int]]:
@@ -351,9 +366,9 @@ def _fill_exponential(noise: torch.Tensor, rows, generator: torch.Generator | No
 
 # --- in the caller's thread ------------------------------------------------------------------------
 
-def run(model: torch.nn.Module, request: Request, keep: int | None = None) -> Iterator[Output]:
+def run(model: torch.nn.Module, request: Request, keep: int | None = None, compile: bool = False) -> Iterator[Output]:
     """Decode one request alone, in the caller's thread: its Output step by step, until it is done."""
-    engine = Engine(model, rows=request.n, keep=keep)
+    engine = Engine(model, rows=request.n, keep=keep, compile=compile)
     output = engine.start(request)
     yield output
     while not request.done:
@@ -364,7 +379,7 @@ def run(model: torch.nn.Module, request: Request, keep: int | None = None) -> It
 
 
 def stream_completion(model: torch.nn.Module, tokenizer, prompt: str, settings: SamplingSettings,
-                      keep: int | None = None) -> Iterator[list[CompletionChunk]]:
+                      keep: int | None = None, compile: bool = False) -> Iterator[list[CompletionChunk]]:
     """The prompt's completion as the chunks of each step, in the caller's thread (CLI, generate_text).
 
     The prompt is encoded and the settings checked now (TokenizerError, SamplingError); the
@@ -376,7 +391,7 @@ def stream_completion(model: torch.nn.Module, tokenizer, prompt: str, settings: 
     if not settings.use_cache:
         from ..sample import completion_naive  # the reference, a full forward pass per token
         return completion_naive(model, request, keep)
-    return (output.chunks for output in run(model, request, keep) if output.chunks)
+    return (output.chunks for output in run(model, request, keep, compile) if output.chunks)
 
 
 def expire(engine: Engine, now: float | None = None) -> list[Output]:

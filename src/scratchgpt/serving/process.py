@@ -43,7 +43,7 @@ class ProcessRunner:
     """The engine loop in a child process; `send(command)` and `close()` as ThreadRunner's."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, slots: int, deliver: Callable[[list[Item]], None],
-                 on_exit: Callable[[str], None], threads: int | None = None):
+                 on_exit: Callable[[str], None], threads: int | None = None, compile: bool = False):
         """Start the child with `model` (moved to shared memory) and `threads` PyTorch threads (default: this
         process's count, following the machine's load as this process's would); return once it is ready."""
         self._deliver, self._on_exit = deliver, on_exit
@@ -53,7 +53,7 @@ class ProcessRunner:
         ceiling = governor_ceiling() if not threads else None
         self._process = context.Process(target=_child, name="scratchgpt-engine", daemon=True,
                                         args=(model, tokenizer, slots, threads or torch.get_num_threads(), ceiling,
-                                              child_end))
+                                              compile, child_end))
         self._process.start()
         child_end.close()
         self._wait_until_ready()
@@ -120,7 +120,8 @@ class ProcessRunner:
             self._on_exit(f"the engine's process stopped unexpectedly (exit code {self._process.exitcode})")
 
 
-def _child(model: torch.nn.Module, tokenizer, slots: int, threads: int, ceiling: int | None, conn) -> None:
+def _child(model: torch.nn.Module, tokenizer, slots: int, threads: int, ceiling: int | None, compile: bool,
+           conn) -> None:
     """The child process: an EngineLoop fed from the pipe; each step's items go back as one message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM reach the server, which drains, then closes us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -136,7 +137,7 @@ def _child(model: torch.nn.Module, tokenizer, slots: int, threads: int, ceiling:
 
     say = functools.partial(print, file=sys.stderr, flush=True)
     with governed(0 if ceiling else threads, say=say, most=ceiling):
-        loop = EngineLoop(model, tokenizer, slots, conn.send)
+        loop = EngineLoop(model, tokenizer, slots, conn.send, compile)
         conn.send("ready")
         loop.run(receive)
     conn.close()

@@ -92,8 +92,9 @@ class Item:
 class EngineLoop:
     """Steps one Engine for the jobs it is handed: start, leave, step; each step's items go to `send` at once."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, slots: int, send: Callable[[list[Item]], None]):
-        self.engine = Engine(model, rows=slots)
+    def __init__(self, model: torch.nn.Module, tokenizer, slots: int, send: Callable[[list[Item]], None],
+                 compile: bool = False):
+        self.engine = Engine(model, rows=slots, compile=compile)
         self.tokenizer = tokenizer
         self.send = send
         self.requests: dict[int, Request] = {}
@@ -152,9 +153,9 @@ class ThreadRunner:
     """The engine loop on a thread of the server's own process."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, slots: int, deliver: Callable[[list[Item]], None],
-                 on_exit: Callable[[str], None]):
+                 on_exit: Callable[[str], None], compile: bool = False):
         self._inbox: queue.Queue = queue.Queue()
-        self._loop = EngineLoop(model, tokenizer, slots, deliver)
+        self._loop = EngineLoop(model, tokenizer, slots, deliver, compile)
         self._on_exit = on_exit
         self._thread = threading.Thread(target=self._run, name="scratchgpt-scheduler", daemon=True)
         self._thread.start()
@@ -231,10 +232,11 @@ class Scheduler:
 
     def __init__(self, model: torch.nn.Module, tokenizer, slots: int = DEFAULT_SLOTS,
                  max_waiting: int = DEFAULT_MAX_WAITING, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-                 own_process: bool = False):
+                 own_process: bool = False, compile: bool = False):
         """`own_process`: run the engine in a child process (process.py); if it cannot start, say so once and
-        run it on a thread here."""
+        run it on a thread here. `compile`: the engine's steps compiled (inference/compiled.py)."""
         self.slots, self.max_waiting, self.request_timeout = slots, max_waiting, request_timeout
+        self.compile = compile
         self._lock = threading.Lock()
         self._free = slots
         self._waiting: collections.deque[Job] = collections.deque()
@@ -248,11 +250,12 @@ class Scheduler:
         if own_process:
             from .process import ProcessRunner
             try:
-                return ProcessRunner(model, tokenizer, self.slots, self._deliver, self._runner_exited)
+                return ProcessRunner(model, tokenizer, self.slots, self._deliver, self._runner_exited,
+                                     compile=self.compile)
             except (OSError, RuntimeError, ScratchGPTError) as exc:  # e.g. too little shared memory in a container
                 print(f"scratchgpt serve: note: the model's own process did not start ({exc}); running it in the "
                       "server's process instead (slower with many clients)", file=sys.stderr, flush=True)
-        return ThreadRunner(model, tokenizer, self.slots, self._deliver, self._runner_exited)
+        return ThreadRunner(model, tokenizer, self.slots, self._deliver, self._runner_exited, self.compile)
 
     # --- what the server calls ------------------------------------------------------------------
 

@@ -285,7 +285,7 @@ class ServerState:
         max_logprobs = min(MAX_LOGPROBS, tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else MAX_LOGPROBS)
         limits = batching or BatchingLimits()
         scheduler = Scheduler(model, tokenizer, limits.slots, limits.max_waiting, limits.request_timeout,
-                              own_process=limits.own_process)
+                              own_process=limits.own_process, compile=limits.compile)
         return cls(model, tokenizer, model_name, model_config, max_tokens_cap, max_logprobs, scheduler,
                    max_prompt_tokens=max_prompt_tokens)
 
@@ -313,6 +313,7 @@ class BatchingLimits:
     max_waiting: int = DEFAULT_MAX_WAITING
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     own_process: bool = False
+    compile: bool = False  # the engine's decoding step compiled (inference/compiled.py): slower to start, faster after
 
 
 def server_state(request: Request) -> ServerState:

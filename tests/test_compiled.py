@@ -1,0 +1,62 @@
+"""The compiled decoding step computes what the eager one does, and falls back to eager, saying so once."""
+
+from __future__ import annotations
+
+import torch
+from conftest import sharpen
+
+from scratchgpt.build import build_model
+from scratchgpt.config import ModelConfig
+from scratchgpt.inference import compiled
+from scratchgpt.inference.engine import Engine, Request, SamplingSettings
+from scratchgpt.sample import generate_naive
+
+VOCAB = 13
+
+
+def make_model(**options):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_weights=False, **options)
+    return sharpen(build_model(config).eval())
+
+
+def decode(model, compile: bool, requests: list[tuple[list[int], SamplingSettings, int]]) -> list[list[list[int]]]:
+    """Several requests side by side on one engine (rows of other lengths, idle rows): each one's ids per step."""
+    engine = Engine(model, rows=4, compile=compile)
+    live = [Request(prompt, settings, torch.Generator().manual_seed(seed)) for prompt, settings, seed in requests]
+    steps: dict[int, list[list[int]]] = {i: [] for i in range(len(live))}
+    for i, request in enumerate(live):
+        steps[i].append(engine.start(request).ids)
+    while engine.running:
+        for output in engine.step():
+            steps[live.index(output.request)].append(output.ids)
+    return [steps[i] for i in range(len(live))]
+
+
+def test_the_compiled_step_gives_the_eager_steps_text_through_window_jumps():
+    model = make_model(position="rope", qk_norm=True)
+    requests = [([1, 2, 3], SamplingSettings(max_new_tokens=40, temperature=0), 0),
+                ([4, 5], SamplingSettings(max_new_tokens=30, temperature=0.8, top_k=5, num_samples=2), 1),
+                ([6] * 9, SamplingSettings(max_new_tokens=20, temperature=1.0, repetition_penalty=1.3), 2)]
+    eager = decode(model, False, requests)
+    assert decode(model, True, requests) == eager
+    assert compiled.compiled_step_for(model).ran and compiled.compiled_step_for(model).failed is None
+    reference = [int(ids[0]) for ids in generate_naive(model, torch.tensor([[1, 2, 3]]), 40, temperature=0)]
+    assert [ids[0] for ids in eager[0]] == reference
+
+
+def test_a_step_that_cannot_compile_runs_eager_and_says_so_once(monkeypatch):
+    model = make_model()
+    said = []
+    step = compiled.CompiledStep(say=said.append)
+
+    def broken():
+        def fail(*args):
+            raise RuntimeError("InductorError: no C++ compiler here\nmore lines")
+        return fail
+
+    monkeypatch.setattr(compiled, "_compiled_function", broken)
+    monkeypatch.setattr(compiled, "_steps", {model: step})
+    requests = [([1, 2, 3], SamplingSettings(max_new_tokens=20, temperature=0), 0)]
+    assert decode(model, True, requests) == decode(model, False, requests)
+    assert len(said) == 1 and "could not compile" in said[0] and "no C++ compiler here" in said[0]
