@@ -318,8 +318,6 @@ def _add_serve_parser(commands) -> None:
                    help="requests that may wait for a free slot; beyond them the server answers 429 (default %(default)s)")
     p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                    help="seconds a request may generate before it is ended with finish_reason length (default %(default)g)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the engine's decoding step (at the first request: tens of seconds, then cached on disk)")
     p.add_argument("--in-process", action="store_true",
                    help="run the model in the server's own process instead of a second one (they then share one "
                         "Python interpreter lock: slower with many clients, one process less)")
@@ -607,8 +605,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ScratchGPTError(f"{flag} must be >= {least}, got {value}")
     if not 0 < args.request_timeout < math.inf:
         raise ScratchGPTError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
-    batching = BatchingLimits(args.slots, args.max_waiting, args.request_timeout, own_process=not args.in_process,
-                              compile=args.compile)
+    batching = BatchingLimits(args.slots, args.max_waiting, args.request_timeout, own_process=not args.in_process)
     serve(args.checkpoint, args.host, args.port, args.max_tokens_cap, args.device, api_key=api_key,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, drain_seconds=args.drain_seconds,
           batching=batching)

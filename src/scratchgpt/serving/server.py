@@ -313,7 +313,7 @@ class BatchingLimits:
     max_waiting: int = DEFAULT_MAX_WAITING
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     own_process: bool = False
-    compile: bool = False  # the engine's decoding step compiled (inference/compiled.py): slower to start, faster after
+    compile: bool = False  # the engine's step compiled (inference/compiled.py); measured slower at 16 rows on 2 CPU cores
 
 
 def server_state(request: Request) -> ServerState:
