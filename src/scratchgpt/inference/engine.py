@@ -287,13 +287,14 @@ class Engine:
             s = request.settings
             if s.repetition_penalty != 1.0:
                 previous = torch.tensor(_per_sample(request.tokens, request.n), device=scores.device)  # (n, T)
-                scores[rows] = repetition_penalty_filter(scores[rows], previous, s.repetition_penalty)
+                scores = _apply(scores, rows, repetition_penalty_filter, previous, s.repetition_penalty)
             for i in _indices(rows):
                 temperature[i], greedy[i] = (1.0, True) if s.greedy else (s.temperature, False)
         scores = scores / torch.tensor(temperature, device=scores.device).view(-1, 1)
         for request, rows in groups:
-            if request.settings.filtered and not request.settings.greedy:
-                scores[rows] = top_p_filter(top_k_filter(scores[rows], request.settings.top_k), request.settings.top_p)
+            s = request.settings
+            if s.filtered and not s.greedy:
+                scores = _apply(scores, rows, _top_k_then_top_p, s.top_k, s.top_p)
         probs = torch.softmax(scores, dim=-1)
         noise = self._noise_for(probs)
         for request, rows in groups:
@@ -335,6 +336,18 @@ class Engine:
             self.cache.free(request.rows)
             self.free_rows.extend(request.row_list)
             self.free_rows.sort()
+
+
+def _apply(scores: torch.Tensor, rows, transform, *args) -> torch.Tensor:
+    """`transform(rows' scores, *args)` in place of the request's rows: on the whole tensor when they are all of it."""
+    if isinstance(rows, slice) and rows.start == 0 and rows.stop == scores.size(0):
+        return transform(scores, *args)
+    scores[rows] = transform(scores[rows], *args)
+    return scores
+
+
+def _top_k_then_top_p(scores: torch.Tensor, k: int | None, p: float | None) -> torch.Tensor:
+    return top_p_filter(top_k_filter(scores, k), p)
 
 
 def _rows_index(request: Request):
