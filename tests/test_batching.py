@@ -11,7 +11,8 @@ import torch
 
 from scratchgpt.build import build_model
 from scratchgpt.config import ModelConfig
-from scratchgpt.inference.engine import SamplingError, SamplingSettings, stream_completion
+from scratchgpt.inference.engine import SamplingError, SamplingSettings
+from scratchgpt.sample import stream_completion
 from scratchgpt.serving.scheduler import Scheduler, ServerBusy
 from scratchgpt.tokenizer import CharTokenizer
 

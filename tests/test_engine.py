@@ -17,12 +17,11 @@ from scratchgpt.inference.engine import (
     SamplingSettings,
     default_keep,
     run,
-    stream_completion,
     window_start,
 )
 from scratchgpt.inference.text import TextStream, find_stop, partial_stop_length
 from scratchgpt.model import GPT, Bigram
-from scratchgpt.sample import generate, generate_naive
+from scratchgpt.sample import generate, generate_naive, stream_completion
 from scratchgpt.tokenizer import CharTokenizer
 
 VOCAB = 13

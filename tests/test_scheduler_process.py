@@ -9,7 +9,8 @@ import pytest
 from test_batching import OPTIONS, TOKENIZER, make_model, prompt, run_together, settings, texts_of
 
 from scratchgpt.errors import ScratchGPTError
-from scratchgpt.serving.scheduler import Scheduler, SchedulerStopped, ServerBusy, ThreadRunner
+from scratchgpt.serving.loop import ThreadRunner
+from scratchgpt.serving.scheduler import Scheduler, SchedulerStopped, ServerBusy
 
 JOBS = [  # prompts of several lengths, each with its own seed and settings
     dict(ids=prompt(1, 5), n_new=40, seed=7, kw={"num_samples": 2}),
@@ -98,12 +99,12 @@ def test_the_server_answers_503_once_its_engine_process_is_gone():
 
 
 def test_a_scheduler_whose_process_cannot_start_runs_the_engine_on_a_thread(monkeypatch, capsys):
-    from scratchgpt.serving import process
+    from scratchgpt.serving import scheduler as scheduler_module
 
     def no_shared_memory(*args, **kwargs):
         raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
 
-    monkeypatch.setattr(process, "ProcessRunner", no_shared_memory)
+    monkeypatch.setattr(scheduler_module, "ProcessRunner", no_shared_memory)
     scheduler = Scheduler(make_model(), TOKENIZER, slots=2, own_process=True)
     try:
         assert isinstance(scheduler._runner, ThreadRunner)

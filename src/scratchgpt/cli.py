@@ -486,7 +486,8 @@ SAMPLE_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperat
 def cmd_sample(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .device import resolve_device
-    from .inference.engine import SamplingSettings, stream_completion
+    from .inference.engine import SamplingSettings
+    from .sample import stream_completion
 
     settings = SamplingSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

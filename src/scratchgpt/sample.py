@@ -19,13 +19,14 @@ from .inference.engine import (
     Request,
     SamplingSettings,
     default_keep,
+    make_generator,
     run,
-    stream_completion,
     window_start,
 )
+from .inference.text import CompletionChunk
 
-__all__ = ["generate", "generate_naive", "generate_text", "repetition_penalty_filter", "sample_next", "top_k_filter",
-           "top_p_filter"]
+__all__ = ["generate", "generate_naive", "generate_text", "repetition_penalty_filter", "sample_next", "stream_completion",
+           "top_k_filter", "top_p_filter"]
 
 
 @torch.inference_mode()
@@ -104,6 +105,21 @@ def generate_text(
                                 repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=use_cache)
     chunks = stream_completion(model, tokenizer, prompt, settings, compile=compile)
     return "".join(chunk.text for step in chunks for chunk in step)
+
+
+def stream_completion(model: torch.nn.Module, tokenizer, prompt: str, settings: SamplingSettings,
+                      keep: int | None = None, compile: bool = False) -> Iterator[list[CompletionChunk]]:
+    """The prompt's completion as the chunks of each step, in the caller's thread (CLI, generate_text).
+
+    The prompt is encoded and the settings checked now (TokenizerError, SamplingError); the
+    chunks come as the result is iterated. `settings.use_cache=False` runs the naive reference.
+    """
+    settings.validate()
+    device = next(model.parameters()).device
+    request = Request(tokenizer.encode(prompt), settings, make_generator(settings.seed, device), tokenizer)
+    if not settings.use_cache:
+        return completion_naive(model, request, keep)
+    return (output.chunks for output in run(model, request, keep, compile) if output.chunks)
 
 
 def completion_naive(model: torch.nn.Module, request: Request, keep: int | None = None):

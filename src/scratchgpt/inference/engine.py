@@ -6,7 +6,7 @@ per sample. `Engine.start(request)` prefills the prompt into its rows and draws 
 token; `Engine.step()` then advances every running request by one token in a single forward
 pass of fixed shape (rows, 1), and returns what each request made of it (an `Output`: the new
 ids, the text that became final, and whether the request is done). `generate`, `generate_text`
-and `scratchgpt sample` step an engine in the caller's thread (`run`, `stream_completion`);
+and `scratchgpt sample` step an engine in the caller's thread (`run`; sample.py's doors);
 the server's scheduler steps one for every running request (serving/scheduler.py). The naive
 reference, a full forward pass per token, is `scratchgpt.sample.generate_naive`.
 
@@ -389,22 +389,6 @@ def run(model: torch.nn.Module, request: Request, keep: int | None = None, compi
             yield output
     if request.error is not None:
         raise request.error
-
-
-def stream_completion(model: torch.nn.Module, tokenizer, prompt: str, settings: SamplingSettings,
-                      keep: int | None = None, compile: bool = False) -> Iterator[list[CompletionChunk]]:
-    """The prompt's completion as the chunks of each step, in the caller's thread (CLI, generate_text).
-
-    The prompt is encoded and the settings checked now (TokenizerError, SamplingError); the
-    chunks come as the result is iterated.
-    """
-    settings.validate()
-    device = next(model.parameters()).device
-    request = Request(tokenizer.encode(prompt), settings, make_generator(settings.seed, device), tokenizer)
-    if not settings.use_cache:
-        from ..sample import completion_naive  # the reference, a full forward pass per token
-        return completion_naive(model, request, keep)
-    return (output.chunks for output in run(model, request, keep, compile) if output.chunks)
 
 
 def expire(engine: Engine, now: float | None = None) -> list[Output]:

@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 
 from ..device import governed, governor_ceiling
 from ..errors import ScratchGPTError
-from .scheduler import EngineLoop, Item
+from .loop import EngineLoop, Item
 
 START_TIMEOUT_S = 120.0  # the child imports PyTorch and takes the model; a slow disk may take a while
 

@@ -4,10 +4,10 @@ On a CPU a decoding step is bound by reading the weights, so sixteen sequences i
 little more than one. The `Scheduler` decides which requests run: a request takes one slot (an
 engine row) per sample; beyond the free slots it waits, up to `max_waiting`; beyond that
 `submit` raises `ServerBusy` (the server answers 429). Admission is decided here, in the
-server's process, whether the engine runs in a thread of this process (`ThreadRunner`) or in a
-process of its own (process.py, `ProcessRunner`).
+server's process, whether the engine runs in a thread of this process (loop.py's `ThreadRunner`)
+or in a process of its own (process.py's `ProcessRunner`).
 
-Both runners run the same `EngineLoop`: between steps it starts the admitted requests (a
+Both runners run the same `EngineLoop` (loop.py): between steps it starts the admitted requests (a
 prefill each, which draws their first tokens), ends those whose reader left or whose time ran
 out, and then advances all of them by one token in one forward pass (inference/engine.py).
 Because that pass has one fixed shape and rows do not mix, a request's arithmetic is the same
@@ -25,22 +25,15 @@ import queue
 import secrets
 import sys
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import ScratchGPTError
-from ..inference.engine import (
-    Engine,
-    Request,
-    SamplingError,
-    SamplingSettings,
-    expire,
-    make_generator,
-)
+from ..inference.engine import SamplingError, SamplingSettings
 from ..inference.text import CompletionChunk
+from .loop import Item, Job, ThreadRunner
+from .process import ProcessRunner
 
 DEFAULT_SLOTS = 16
 DEFAULT_MAX_WAITING = 32
@@ -65,121 +58,6 @@ class SchedulerStopped(ServerBusy):
 
 
 END = object()  # put on a stream when its request has no more output
-
-
-@dataclass
-class Job:
-    """A request as it crosses to the engine: plain data, so that it can cross a pipe."""
-
-    id: int
-    prompt: list[int]
-    settings: SamplingSettings
-    seed: int  # the request's own generator starts here (a random one when the caller gave none)
-    deadline_s: float  # seconds it may run
-
-
-@dataclass
-class Item:
-    """What one step made of one request: new chunks of text, and whether it ended (or why it failed)."""
-
-    id: int
-    chunks: list[CompletionChunk]
-    done: bool
-    error: str | None = None  # why it failed
-    its_own_fault: bool = False  # the failure came from this request's settings (a 400), not the engine (a 500)
-
-
-class EngineLoop:
-    """Steps one Engine for the jobs it is handed: start, leave, step; each step's items go to `send` at once."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer, slots: int, send: Callable[[list[Item]], None],
-                 compile: bool = False):
-        self.engine = Engine(model, rows=slots, compile=compile)
-        self.tokenizer = tokenizer
-        self.send = send
-        self.requests: dict[int, Request] = {}
-        self.device = self.engine.device
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.engine.running)
-
-    def start(self, job: Job) -> None:
-        request = Request(job.prompt, job.settings, make_generator(job.seed, self.device), self.tokenizer,
-                          deadline=time.monotonic() + job.deadline_s, id=job.id)
-        self.requests[job.id] = request
-        self._send([self.engine.start(request)])
-
-    def leave(self, job_id: int) -> None:
-        request = self.requests.get(job_id)
-        if request is not None:
-            self._send([self.engine.stop(request)])
-
-    def step(self) -> None:
-        try:
-            outputs = expire(self.engine) + self.engine.step()
-        except Exception as exc:  # a fault of the forward pass itself: every running request gets it
-            outputs = [self.engine.stop(r) for r in list(self.engine.running)]
-            self._send(outputs, error=f"{type(exc).__name__}: {exc}")
-            return
-        self._send(outputs)
-
-    def _send(self, outputs, error: str | None = None) -> None:
-        items = []
-        for output in outputs:
-            request_id = output.request.id
-            if output.done:
-                self.requests.pop(request_id, None)
-            failure = error or (str(output.error) if output.error is not None else None)
-            items.append(Item(request_id, output.chunks, output.done, failure, error is None))
-        if items:
-            self.send(items)
-
-    def run(self, receive: Callable[[bool], tuple | None]) -> None:
-        """Until told to close: take every waiting command (waiting for one while nothing runs), then step."""
-        with torch.inference_mode():
-            while True:
-                command = receive(not self.busy)
-                while command is not None:
-                    if command[0] == "close":
-                        return
-                    getattr(self, command[0])(*command[1:])
-                    command = receive(False)
-                if self.busy:
-                    self.step()
-
-
-class ThreadRunner:
-    """The engine loop on a thread of the server's own process."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer, slots: int, deliver: Callable[[list[Item]], None],
-                 on_exit: Callable[[str], None], compile: bool = False):
-        self._inbox: queue.Queue = queue.Queue()
-        self._loop = EngineLoop(model, tokenizer, slots, deliver, compile)
-        self._on_exit = on_exit
-        self._thread = threading.Thread(target=self._run, name="scratchgpt-scheduler", daemon=True)
-        self._thread.start()
-
-    def _receive(self, block: bool) -> tuple | None:
-        try:
-            return self._inbox.get(block=block)
-        except queue.Empty:
-            return None
-
-    def _run(self) -> None:
-        why = "the server is shutting down"
-        try:
-            self._loop.run(self._receive)
-        except BaseException as exc:  # the loop itself failed: the scheduler is gone, and says so
-            why = f"the scheduler's thread stopped unexpectedly ({type(exc).__name__}: {exc})"
-        self._on_exit(why)
-
-    def send(self, command: tuple) -> None:
-        self._inbox.put(command)
-
-    def close(self) -> None:
-        self._inbox.put(("close",))
-        self._thread.join(timeout=10)
 
 
 class Stream:
@@ -248,7 +126,6 @@ class Scheduler:
 
     def _start_runner(self, model, tokenizer, own_process: bool):
         if own_process:
-            from .process import ProcessRunner
             try:
                 return ProcessRunner(model, tokenizer, self.slots, self._deliver, self._runner_exited,
                                      compile=self.compile)
