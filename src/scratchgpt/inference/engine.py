@@ -58,6 +58,7 @@ class SamplingError(ScratchGPTError, ValueError):
 
 MIN_TEMPERATURE = 1e-4  # below this (but above 0, greedy), logits / temperature overflows float32
 PENALTY_RANGE = (1e-3, 1e3)  # a repetition penalty beyond these drives logits to infinity
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
@@ -93,6 +94,8 @@ class SamplingSettings:
         check(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
         check(self.logprobs is None or self.logprobs >= 0, "logprobs", ">= 0", self.logprobs)
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", list(self.stop))
+        check(self.seed is None or SEED_RANGE[0] <= self.seed < SEED_RANGE[1], "seed",
+              "an integer in [-2**63, 2**64) (what torch.Generator takes)", self.seed)
 
     @property
     def greedy(self) -> bool:

@@ -39,6 +39,7 @@ DEFAULT_SLOTS = 16
 DEFAULT_MAX_WAITING = 32
 DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds a request may run before it is ended
 RETRY_AFTER_S = 1.0  # what a 429 asks a client to wait: a slot frees within a second at these sizes
+MAX_BEHIND = 4096  # steps a reader may leave unread before its request is ended: a stalled client pins no memory
 
 
 class ServerBusy(ScratchGPTError):
@@ -198,6 +199,10 @@ class Scheduler:
         """Hand each item to its stream (on the runner's thread); an ended request frees its slots."""
         for item in items:
             stream = self._streams.get(item.id)
+            if stream is not None and not item.done and stream.ready() >= MAX_BEHIND:
+                stream.put(ScratchGPTError(f"the client fell {MAX_BEHIND} steps behind the model; the request was ended"))
+                self.leave(item.id)
+                stream = None
             if item.chunks and stream is not None:
                 stream.put(item.chunks)
             if item.error is not None and stream is not None:

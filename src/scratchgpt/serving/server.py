@@ -49,6 +49,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ScratchGPTError, TokenizerError
 from ..inference.engine import SamplingError, SamplingSettings
@@ -68,6 +69,7 @@ DEFAULT_MAX_TOKENS_CAP = 2048
 MAX_SAMPLES = 16  # n
 MAX_LOGPROBS = 20  # alternatives per token
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters of one stop string: each token's check looks that far back
 REQUEST_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}  # engine field -> API field
 DISCONNECT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still there
 DEFAULT_MAX_BODY_BYTES = 1_000_000  # --max-body-bytes: a larger request body is a 413
@@ -126,6 +128,13 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     return _error(400, f"invalid request: {message}", where or None)
 
 
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Exception handler: Starlette's own refusals (a body that is not UTF-8 or not JSON, an unknown path, a wrong
+    method) in the API's error shape instead of {"detail": ...}."""
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return _error(exc.status_code, str(exc.detail), kind=kind, headers=getattr(exc, "headers", None))
+
+
 async def _server_busy(request: Request, exc: ServerBusy) -> JSONResponse:
     """Exception handler: every slot taken and the waiting line full is a 429 with Retry-After, as OpenAI answers;
     a scheduler that has stopped (SchedulerStopped: shutting down, or its process died) a 503."""
@@ -140,8 +149,8 @@ async def _server_busy(request: Request, exc: ServerBusy) -> JSONResponse:
 # --- in front of every route: the API key and the size of a request body ------------------------------------------
 
 def _needs_key(path: str) -> bool:
-    """Whether a path is the API (/v1/*), which a key guards; / and /health stay open."""
-    return path == "/v1" or path.startswith("/v1/")
+    """Whether a path is the API (/v1/*) or its schema (/openapi.json), which a key guards; / and /health stay open."""
+    return path == "/v1" or path.startswith("/v1/") or path == "/openapi.json"
 
 
 class _Guard:
@@ -163,18 +172,19 @@ class _Guard:
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
+        if b"content-length" in headers and b"transfer-encoding" in headers:  # which one frames the body?
+            await _error(400, "the request has both Content-Length and Transfer-Encoding: send one")(scope, receive, send)
+            return
         length = headers.get(b"content-length", b"")
-        if length.isdigit():  # uvicorn (h11) holds the body to the length it declares
-            if int(length) > self.max_body_bytes:
-                await self._too_large()(scope, receive, send)
-                return
-        else:  # chunked, or no body: read it here, up to the limit, and hand it on
-            received = await self._read_body(receive)
-            if received is None:
-                await self._too_large()(scope, receive, send)
-                return
-            receive = _replay(received, receive)
-        await self.app(scope, receive, send)
+        if length.isdigit() and int(length) > self.max_body_bytes:  # refused before a byte of the body is read
+            await self._too_large()(scope, receive, send)
+            return
+        # The body as it arrives, counted whatever the headers said, up to the limit; then handed on.
+        received = await self._read_body(receive)
+        if received is None:
+            await self._too_large()(scope, receive, send)
+            return
+        await self.app(scope, _replay(received, receive), send)
 
     def _key_refusal(self, authorization: bytes | None) -> JSONResponse | None:
         """None if `authorization` carries this server's key (compared in constant time), else the 401."""
@@ -337,7 +347,17 @@ def _prompt_of(body: CompletionRequest) -> str:
         raise BadRequest("prompt is required: the text to continue", "prompt")
     if not prompt:
         raise BadRequest("prompt must not be empty", "prompt")
+    _check_text(prompt, "prompt")
     return prompt
+
+
+def _check_text(text: str, param: str) -> None:
+    """Refuse a string that JSON allows but Unicode does not: a lone surrogate (\\ud800 alone) has no encoding."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(f"{param} is not valid text: character {exc.start} is a lone surrogate "
+                         f"(U+{ord(text[exc.start]):04X}); send UTF-8 text", param) from None
 
 
 def _check_limits(body: CompletionRequest, state: ServerState) -> list[str]:
@@ -353,6 +373,10 @@ def _check_limits(body: CompletionRequest, state: ServerState) -> list[str]:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
         raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", "stop")
+    if any(len(s) > MAX_STOP_LENGTH for s in stop):
+        raise BadRequest(f"a stop string may be at most {MAX_STOP_LENGTH} characters long", "stop")
+    for s in stop:
+        _check_text(s, "stop")
     if body.top_k is not None and body.top_k < 0:
         raise BadRequest(f"top_k must be >= 0 (0 turns it off), got {body.top_k}", "top_k")
     return stop
@@ -542,12 +566,13 @@ async def playground() -> HTMLResponse:
     return HTMLResponse((resources.files("scratchgpt.serving") / "static" / "playground.html").read_text(encoding="utf-8"))
 
 
-@router.get("/health")
-async def health(state: State) -> dict[str, Any]:
+@router.get("/health", response_model=None)
+async def health(state: State) -> JSONResponse:
     """GET /health: the model's name, config and size, the cap, and what the server is doing (ServerState.load);
-    status "ok", or "unavailable: <why>" once the scheduler has stopped."""
+    200 with status "ok", or 503 with "unavailable: <why>" once the scheduler has stopped (a load balancer or
+    supervisor then knows to restart the server)."""
     stopped = state.scheduler.stopped
-    return {
+    return JSONResponse(status_code=200 if stopped is None else 503, content={
         "status": "ok" if stopped is None else f"unavailable: {stopped}",
         "model": state.model_name,
         "config": state.model_config,
@@ -557,7 +582,7 @@ async def health(state: State) -> dict[str, Any]:
         "active_requests": state.stats.active,
         "tokens_generated": state.stats.tokens_generated,
         **state.load(),
-    }
+    })
 
 
 @router.get("/v1/models")
@@ -601,12 +626,15 @@ def create_app(model: torch.nn.Module, tokenizer, model_name: str = "scratchgpt"
     `max_body_bytes` is refused with a 413, a prompt over `max_prompt_tokens` tokens with a 400; beyond the
     `batching` limits' slots and waiting line, a 429.
     """
+    # No /docs or /redoc: those pages load their scripts from a third-party CDN. The schema stays at
+    # /openapi.json, behind the key on a keyed server.
     app = FastAPI(title="scratchgpt", description="OpenAI-compatible completions from a scratchgpt checkpoint.",
-                  lifespan=_lifespan)
+                  lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.server = ServerState.build(model, tokenizer, model_name, config, max_tokens_cap, max_prompt_tokens, batching)
     app.state.stats = app.state.server.stats  # kept under its old name too
     app.add_exception_handler(BadRequest, _bad_request)
     app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ServerBusy, _server_busy)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.include_router(router)

@@ -1,0 +1,136 @@
+"""Hostile input gets a 4xx in the API's error shape, never a 500 (#25): framing, text that is not text, seeds,
+stop strings, bodies that are not JSON, doors that stay shut, health that tells the truth, stalled readers."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from serving import running_server  # noqa: E402
+from test_batching import TOKENIZER, make_model, prompt, settings  # noqa: E402
+
+from scratchgpt.serving import scheduler as scheduler_module  # noqa: E402
+from scratchgpt.serving.scheduler import Scheduler  # noqa: E402
+from scratchgpt.serving.server import create_app  # noqa: E402
+from scratchgpt.tokenizer import ByteTokenizer  # noqa: E402
+
+KEY = "k-hostile"
+
+
+@pytest.fixture(scope="module")
+def served():
+    import torch
+
+    from scratchgpt.build import build_model
+    from scratchgpt.config import ModelConfig
+
+    tokenizer = ByteTokenizer()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    app = create_app(model.eval(), tokenizer, "tiny", api_key=KEY, max_body_bytes=2000)
+    with running_server(app) as url:
+        yield url, app
+
+
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+def raw(url: str, head: str, body: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (httpx would fix the framing); the status and body of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and b'"error"' in answer:
+                break
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[1]
+
+
+def assert_api_error(response: httpx.Response, status: int, *words: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert all(word in error["message"] for word in words), error["message"]
+
+
+def test_a_body_framed_two_ways_is_refused(served):
+    url, _ = served
+    body = b'{"prompt": "ab", "max_tokens": 2}'
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n")
+    status, answer = raw(url, head, chunked)
+    assert status == 400 and b"both Content-Length and Transfer-Encoding" in answer
+
+
+@pytest.mark.parametrize("field, body, words", [
+    ("prompt", b'{"prompt": "ab\\ud800cd", "max_tokens": 2}', ("prompt", "lone surrogate", "U+D800", "character 2")),
+    ("stop", b'{"prompt": "ab", "max_tokens": 2, "stop": ["\\udfff"]}', ("stop", "lone surrogate")),
+    ("seed", b'{"prompt": "ab", "max_tokens": 2, "seed": 1180591620717411303424}', ("seed", "2**64")),
+    ("stop", b'{"prompt": "ab", "max_tokens": 2, "stop": ["' + b"x" * 300 + b'"]}', ("256 characters",)),
+    ("temperature", b'{"prompt": "ab", "max_tokens": 2, "temperature": 1e-30}', ("temperature",)),
+    ("repetition_penalty", b'{"prompt": "ab", "max_tokens": 2, "repetition_penalty": 1e-30}', ("repetition_penalty",)),
+])
+def test_values_that_break_the_arithmetic_or_the_encoding_are_400s(served, field, body, words):
+    url, _ = served
+    response = httpx.post(f"{url}/v1/completions", content=body, headers=AUTH, timeout=30)
+    assert_api_error(response, 400, *words)
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe not utf-8", b"{not json", b"[1, 2]", b""])
+def test_a_body_that_is_not_a_json_object_is_a_400_in_the_api_shape(served, body):
+    url, _ = served
+    response = httpx.post(f"{url}/v1/completions", content=body, headers=AUTH, timeout=30)
+    assert_api_error(response, 400)
+
+
+def test_the_docs_pages_are_off_and_the_schema_needs_the_key(served):
+    url, _ = served
+    assert_api_error(httpx.get(f"{url}/docs"), 404)
+    assert_api_error(httpx.get(f"{url}/redoc"), 404)
+    assert httpx.get(f"{url}/openapi.json").status_code == 401
+    assert httpx.get(f"{url}/openapi.json", headers=AUTH).json()["paths"]["/v1/completions"]
+
+
+def test_health_is_503_once_the_engine_is_gone():
+    import torch
+
+    from scratchgpt.build import build_model
+    from scratchgpt.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=TOKENIZER.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    app = create_app(model.eval(), TOKENIZER, "tiny")
+    with running_server(app) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        app.state.server.scheduler._runner.send(("no_such_command",))  # the engine loop fails
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(f"{url}/health")).status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert health.status_code == 503 and health.json()["status"].startswith("unavailable: the scheduler's thread")
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 2}).status_code == 503
+
+
+def test_a_reader_that_falls_behind_is_dropped_and_its_slot_freed(monkeypatch):
+    monkeypatch.setattr(scheduler_module, "MAX_BEHIND", 20)
+    scheduler = Scheduler(make_model(), TOKENIZER, slots=2)
+    try:
+        stalled = scheduler.submit(prompt(1, 3), settings(100_000, 0))  # nobody reads it
+        deadline = time.monotonic() + 30
+        while scheduler.load()["running"]:
+            assert time.monotonic() < deadline, "a stalled reader kept its slot"
+            time.sleep(0.01)
+        assert stalled.ready() <= 22
+        with pytest.raises(Exception, match="fell 20 steps behind"):
+            list(stalled)
+    finally:
+        scheduler.close()
