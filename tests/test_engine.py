@@ -5,6 +5,8 @@ strings and incremental text."""
 import pytest
 import torch
 from conftest import sharpen
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scratchgpt.build import build_model
 from scratchgpt.config import ModelConfig
@@ -19,7 +21,7 @@ from scratchgpt.inference.engine import (
     run,
     window_start,
 )
-from scratchgpt.inference.text import TextStream, find_stop, partial_stop_length
+from scratchgpt.inference.text import StopMatcher, TextStream, find_stop, partial_stop_length
 from scratchgpt.model import GPT, Bigram
 from scratchgpt.sample import generate, generate_naive, stream_completion
 from scratchgpt.tokenizer import CharTokenizer
@@ -228,6 +230,41 @@ def test_find_stop_and_partial_stop_by_hand():
     assert partial_stop_length("the en", ["\n\n", "end"]) == 2
     assert partial_stop_length("abc", ["xyz"]) == 0
     assert partial_stop_length("a\n", ["\n\n"]) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.text(alphabet="ab\n", max_size=6), max_size=12),
+       stops=st.lists(st.text(alphabet="ab\n", min_size=1, max_size=5), max_size=4))
+def test_the_stop_matcher_agrees_with_the_plain_search(pieces, stops):
+    matcher, text = StopMatcher(stops), ""
+    for piece in pieces:
+        text += piece
+        found = matcher.feed(piece)
+        assert found == find_stop(text, stops)  # the earliest stop in the text so far, found in the piece it ends in
+        if found is not None:
+            return
+        assert matcher.waiting == partial_stop_length(text, stops)
+
+
+class CountedStr(str):
+    """A string that counts how often a character of it is read."""
+
+    reads = 0
+
+    def __getitem__(self, index):
+        CountedStr.reads += 1
+        return str.__getitem__(self, index)
+
+
+def test_the_stop_matcher_is_linear_in_the_text():
+    """A hostile stop (256 characters of one letter, then another) and text that keeps almost matching it."""
+    matcher = StopMatcher([CountedStr("a" * 255 + "b")])
+    CountedStr.reads = 0
+    assert matcher.feed("a" * 2000) is None and matcher.waiting == 255
+    first = CountedStr.reads
+    CountedStr.reads = 0
+    assert matcher.feed("a" * 8000) is None
+    assert first < 6 * 2000 and CountedStr.reads < 6 * 8000  # a few reads per character, not one per stop character
 
 
 def test_text_stream_holds_back_a_possible_stop_and_cuts_at_it():

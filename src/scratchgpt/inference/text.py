@@ -35,6 +35,55 @@ def partial_stop_length(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+class StopMatcher:
+    """Finds stop strings in a text that arrives piece by piece, in time linear in the text.
+
+    For each stop string it keeps how much of that string the text's end already matches (the
+    Knuth-Morris-Pratt automaton), so each new character costs one step per stop string, never
+    a look back over the text: `find_stop` and `partial_stop_length` above are the plain
+    references it is tested against.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.fallback = [_prefix_function(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # characters of each stop the text's end matches
+        self.length = 0  # characters fed so far
+
+    def feed(self, piece: str) -> int | None:
+        """Add `piece` to the text; where the earliest stop string ending in it starts, or None."""
+        found = None
+        for offset, char in enumerate(piece):
+            for i, stop in enumerate(self.stops):
+                n = self.matched[i]
+                while n and stop[n] != char:
+                    n = self.fallback[i][n - 1]
+                n = n + 1 if stop[n] == char else 0
+                if n == len(stop):
+                    start = self.length + offset + 1 - n
+                    found = start if found is None else min(found, start)
+                    n = self.fallback[i][n - 1]
+                self.matched[i] = n
+        self.length += len(piece)
+        return found
+
+    @property
+    def waiting(self) -> int:
+        """Characters at the text's end that could still grow into a stop string (they must wait)."""
+        return max(self.matched, default=0)
+
+
+def _prefix_function(s: str) -> list[int]:
+    """pi[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    pi = [0] * len(s)
+    for i in range(1, len(s)):
+        n = pi[i - 1]
+        while n and s[i] != s[n]:
+            n = pi[n - 1]
+        pi[i] = n + 1 if s[i] == s[n] else 0
+    return pi
+
+
 @dataclass
 class TextChunk:
     """Text that has become final, and the indices of the tokens whose text begins in it."""
@@ -49,7 +98,7 @@ class TextStream:
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.matcher = StopMatcher(self.stop)
         self.ids: list[int] = []
         self.offsets: list[int] = []  # where each token's text begins in the generated text
         self.text = ""  # the decoded text, possibly beyond what was released
@@ -66,34 +115,37 @@ class TextStream:
             raise RuntimeError("this text has already ended")
         self.offsets.append(len(self.text))
         self.ids.append(token_id)
-        self._decode_new()
-        cut = find_stop(self.text, self.stop, begin=max(0, self.released - self.longest_stop + 1))
+        cut = self.matcher.feed(self._decode_new())
         if cut is not None:
             self.text = self.text[:cut]
             self.finish_reason = "stop"
             return self._release(cut)
-        return self._release(len(self.text) - partial_stop_length(self.text, self.stop))
+        return self._release(len(self.text) - self.matcher.waiting)
 
-    def _decode_new(self, force: bool = False) -> None:
+    def _decode_new(self, force: bool = False) -> str:
         """Decode the tokens not yet in the text, with one token of context before them (a tokenizer may spell a
-        token differently at the start of a text); wait while they end in an unfinished character."""
+        token differently at the start of a text); wait while they end in an unfinished character. The new text."""
         pieces = self.tokenizer.decode(self.ids[self._context:])
         waiting = len(self.ids) - self._decoded
         if pieces.endswith("\ufffd") and waiting < MAX_PENDING_TOKENS and not force:
-            return
+            return ""
         if len(pieces) <= len(self._context_text) and not force:
-            return
-        self.text += pieces[len(self._context_text):]
-        self._context = len(self.ids) - 1 if len(self.ids) > 1 else 0
+            return ""
+        new = pieces[len(self._context_text):]
+        self.text += new
+        self._context = len(self.ids) - 1
         self._context_text = self.tokenizer.decode(self.ids[self._context:])
         self._decoded = len(self.ids)
+        return new
 
     def finish(self, reason: str = "length") -> TextChunk:
         """End the text (the token budget ran out): release everything still held."""
         if self.finish_reason is None:
             self.finish_reason = reason
             if self._decoded < len(self.ids):
-                self._decode_new(force=True)
+                cut = self.matcher.feed(self._decode_new(force=True))
+                if cut is not None:  # the last, unfinished character completed a stop string
+                    self.text, self.finish_reason = self.text[:cut], "stop"
         return self._release(len(self.text), all_tokens=self.finish_reason != "stop")
 
     def _release(self, end: int, all_tokens: bool = False) -> TextChunk:
