@@ -347,3 +347,24 @@ def test_compiled_training_matches_eager(tmp_path, small_corpus):
     compiled = train(tiny_config(small_corpus, max_steps=10, compile=True), tmp_path / "c", progress=False)
     eager = train(tiny_config(small_corpus, max_steps=10), tmp_path / "e", progress=False)
     assert compiled.full_val_loss == pytest.approx(eager.full_val_loss, abs=1e-3)
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path):
+    from scratchgpt.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "loss": 2.0}\n{"step": 20, "loss": 1.9}\n{"step": 30, "lo', encoding="utf-8")
+    _truncate_metrics(path, 20)
+    assert path.read_text(encoding="utf-8") == '{"step": 10, "loss": 2.0}\n{"step": 20, "loss": 1.9}\n'
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from scratchgpt import files
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    files.atomic_write_bytes(tmp_path / "a.bin", b"payload")
+    assert (tmp_path / "a.bin").read_bytes() == b"payload" and len(synced) == 2  # the file, then its directory

@@ -21,15 +21,33 @@ def sha256_of(path: Path) -> str:
 
 
 def atomic_write_bytes(target: Path, payload: bytes) -> None:
-    """Replace `target` with `payload` in one rename: a crash leaves the old file or the new one, never a part."""
+    """Replace `target` with `payload` in one rename: a crash, or a power cut, leaves the old file or the new one,
+    never a part. The bytes reach the disk (fsync) before the rename, and the rename before this returns."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(target.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new file in `directory` durable (where the system lets a directory be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are durable on NTFS
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_once(target: Path, payload: bytes) -> None:

@@ -52,6 +52,7 @@ from .device import (
 from .distributed import DistributedContext, all_sum, gather, setup, teardown
 from .errors import CheckpointError, ScratchGPTError, TokenizerError
 from .evaluate import EvalResult, EvaluationStopped, evaluate_split, progress_bar
+from .files import atomic_write_bytes
 from .model import count_parameters
 from .optim import configure_optimizer, set_learning_rate
 from .plot import plot_run
@@ -292,13 +293,22 @@ def _restore_rng(state: dict[str, Any], sampler: BatchSampler, dist_ctx: Distrib
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint we resume from (a crash can leave some)."""
+    """Drop log rows written after the checkpoint we resume from, and a last row a crash cut short."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    rows = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    kept = [line for line in rows if (row := _parsed(line)) is not None and row.get("step", 0) <= step]
     if len(kept) != len(rows):
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+
+
+def _parsed(line: str) -> dict | None:
+    """A metrics row, or None for a line that is not one (torn by a crash mid-write)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _prune_periodic(out: Path, keep: int) -> None:
