@@ -387,3 +387,55 @@ def test_a_server_open_to_the_network_without_a_key_warns_in_one_line(checkpoint
         assert len(warnings) == 1 and host in warnings[0] and "SCRATCHGPT_API_KEY" in warnings[0]
     else:
         assert warnings == []
+
+
+# --- more doors: several keys, CORS, TLS, a connection limit -------------------------------------------------------
+
+def test_any_of_several_keys_opens_the_api(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "tiny", api_key=["key-one", "key-two"])
+    assert [status_of(app, key) for key in ("key-one", "key-two", "key-three", None)] == [200, 200, 401, 401]
+
+
+def test_allowed_origins_get_cors_headers_and_others_do_not(tiny):
+    from fastapi.testclient import TestClient
+
+    model, tokenizer = tiny
+    client = TestClient(create_app(model, tokenizer, "tiny", api_key=KEY, allowed_origins=["https://class.example"]))
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = client.options("/v1/completions", headers={"Origin": "https://class.example", **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://class.example"
+    other = client.options("/v1/completions", headers={"Origin": "https://elsewhere.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    answer = client.post("/v1/completions", json={"prompt": "the ", "max_tokens": 2}, headers={**AUTH, "Origin": "https://class.example"})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://class.example"
+    plain = TestClient(create_app(model, tokenizer, "tiny"))  # no origins given: no CORS headers at all
+    assert "access-control-allow-origin" not in plain.get("/health", headers={"Origin": "https://class.example"}).headers
+
+
+def test_serve_takes_a_key_file_origins_tls_and_a_connection_limit(checkpoint, uvicorn_runs, tmp_path, capsys):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# the class\nalice-key\n\nbob-key\n", encoding="utf-8")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x"), key.write_text("x")
+    assert serve_main(checkpoint, "--api-key-file", str(keys), "--allowed-origins", "https://a.example",
+                      "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--max-connections", "40") == 0
+    config = uvicorn_runs[0]
+    assert (config.ssl_certfile, config.ssl_keyfile, config.limit_concurrency) == (str(cert), str(key), 40)
+    assert [status_of(config.app, k) for k in ("alice-key", "bob-key", "eve-key")] == [200, 200, 401]
+    assert "https://127.0.0.1" in capsys.readouterr().out
+    assert serve_main(checkpoint) == 0 and uvicorn_runs[1].limit_concurrency == 256
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ssl-certfile", "cert.pem"], "both --ssl-certfile and --ssl-keyfile"),
+    (["--ssl-certfile", "nowhere.pem", "--ssl-keyfile", "nowhere.pem"], "--ssl-certfile nowhere.pem: no such file"),
+    (["--api-key-file", "nowhere.txt"], "--api-key-file nowhere.txt: cannot read it"),
+    (["--max-connections", "0"], "--max-connections must be >= 1"),
+])
+def test_bad_door_flags_are_one_line_errors(checkpoint, uvicorn_runs, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cert.pem").write_text("x")
+    assert serve_main(checkpoint, *flags) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not uvicorn_runs

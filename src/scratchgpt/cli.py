@@ -306,6 +306,15 @@ def _add_serve_parser(commands) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SCRATCHGPT_API_KEY, which keeps the "
                         "key out of shell history; neither: no key). / and /health stay open")
+    p.add_argument("--api-key-file", metavar="PATH",
+                   help="a file of keys, one per line (blank lines and # comments ignored), any of which opens /v1/*; "
+                        "with --api-key or $SCRATCHGPT_API_KEY, that key works too")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (e.g. https://class.example.org) call the API (CORS); repeatable")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM); needs --ssl-keyfile")
+    p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM); needs --ssl-certfile")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="connections served at once; beyond them new ones get a 503 (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000,
                    help="refuse a request body larger than this with a 413 (default 1000000)")
     p.add_argument("--max-prompt-tokens", type=int, default=8192,
@@ -601,16 +610,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if api_key is not None and not (api_key.isascii() and api_key.isprintable() and api_key and " " not in api_key):
         raise ScratchGPTError(f"{source} must be a non-empty key of printable ASCII characters without spaces "
                               "(clients send it in the header 'Authorization: Bearer KEY')")
-    for flag, value, least in (("--slots", args.slots, 1), ("--max-waiting", args.max_waiting, 0)):
+    keys = ([api_key] if api_key is not None else []) + _keys_from_file(args.api_key_file)
+    for flag, value, least in (("--slots", args.slots, 1), ("--max-waiting", args.max_waiting, 0),
+                               ("--max-connections", args.max_connections, 1)):
         if value < least:
             raise ScratchGPTError(f"{flag} must be >= {least}, got {value}")
+    tls = _tls_files(args.ssl_certfile, args.ssl_keyfile)
     if not 0 < args.request_timeout < math.inf:
         raise ScratchGPTError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
     batching = BatchingLimits(args.slots, args.max_waiting, args.request_timeout, own_process=not args.in_process)
-    serve(args.checkpoint, args.host, args.port, args.max_tokens_cap, args.device, api_key=api_key,
+    serve(args.checkpoint, args.host, args.port, args.max_tokens_cap, args.device, api_key=keys,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, drain_seconds=args.drain_seconds,
-          batching=batching)
+          batching=batching, allowed_origins=args.allowed_origins, tls=tls, max_connections=args.max_connections)
     return 0
+
+
+def _keys_from_file(path: str | None) -> list[str]:
+    """The keys of --api-key-file, one per line, each checked as a key is."""
+    if path is None:
+        return []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScratchGPTError(f"--api-key-file {path}: cannot read it ({exc})") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    for number, key in enumerate(keys, 1):
+        if not (key.isascii() and key.isprintable() and " " not in key):
+            raise ScratchGPTError(f"--api-key-file {path}: key {number} must be printable ASCII without spaces")
+    if not keys:
+        raise ScratchGPTError(f"--api-key-file {path}: holds no key (one per line)")
+    return keys
+
+
+def _tls_files(certfile: str | None, keyfile: str | None) -> tuple[str, str] | None:
+    """(certificate, key) for HTTPS, both existing, or None for plain HTTP."""
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None or keyfile is None:
+        raise ScratchGPTError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+    for flag, name in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if not Path(name).is_file():
+            raise ScratchGPTError(f"{flag} {name}: no such file")
+    return certfile, keyfile
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -46,6 +46,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -74,6 +75,7 @@ REQUEST_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}  # engine f
 DISCONNECT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still there
 DEFAULT_MAX_BODY_BYTES = 1_000_000  # --max-body-bytes: a larger request body is a 413
 DEFAULT_MAX_PROMPT_TOKENS = 8192  # --max-prompt-tokens: a longer prompt is a 400
+DEFAULT_MAX_CONNECTIONS = 256  # --max-connections: beyond this many at once, uvicorn answers 503
 DEFAULT_DRAIN_SECONDS = 30.0  # --drain-seconds: how long SIGTERM lets running requests finish
 API_KEY_ENV = "SCRATCHGPT_API_KEY"  # where `scratchgpt serve` finds the key when --api-key is not given
 LOAD_WINDOW_S = 5.0  # /health's tokens_per_second is the rate over this many seconds
@@ -157,9 +159,9 @@ class _Guard:
     """ASGI middleware: with an API key set, a /v1/* request without `Authorization: Bearer KEY` is a 401; a
     request body over `max_body_bytes` is a 413, by its Content-Length or, without one, by counting what arrives."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_keys: Sequence[str], max_body_bytes: int):
         self.app = app
-        self.key = api_key.encode("utf-8") if api_key else None
+        self.keys = [key.encode("utf-8") for key in api_keys]
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
@@ -167,7 +169,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])  # lower-case names; of repeated headers the last counts
-        if self.key is not None and _needs_key(scope["path"]):
+        if self.keys and _needs_key(scope["path"]):
             refusal = self._key_refusal(headers.get(b"authorization"))
             if refusal is not None:
                 await refusal(scope, receive, send)
@@ -189,7 +191,9 @@ class _Guard:
     def _key_refusal(self, authorization: bytes | None) -> JSONResponse | None:
         """None if `authorization` carries this server's key (compared in constant time), else the 401."""
         scheme, _, token = (authorization or b"").strip().partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+        # Every key is compared, each in constant time, so the time taken says nothing of which came close.
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+        if scheme.lower() == b"bearer" and any(matches):
             return None
         if authorization is None:
             message = ("this server needs an API key: send the header 'Authorization: Bearer KEY' "
@@ -617,7 +621,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(model: torch.nn.Module, tokenizer, model_name: str = "scratchgpt", config: dict | None = None,
-               max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, *, api_key: str | None = None,
+               max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, *, api_key: str | Sequence[str] | None = None,
+               allowed_origins: Sequence[str] = (),
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
                batching: BatchingLimits | None = None) -> FastAPI:
     """The FastAPI application serving `model`; `config` is shown by /health (default: the model config).
@@ -636,7 +641,11 @@ def create_app(model: torch.nn.Module, tokenizer, model_name: str = "scratchgpt"
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ServerBusy, _server_busy)
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    app.add_middleware(_Guard, api_keys=keys, max_body_bytes=max_body_bytes)
+    if allowed_origins:  # pages served elsewhere may call the API from a browser (outermost: answers preflights)
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.include_router(router)
     return app
 
@@ -651,7 +660,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def exposure_warning(host: str, api_key: str | None) -> str | None:
+def exposure_warning(host: str, api_key: str | Sequence[str] | None) -> str | None:
     """The one-line warning for a server that others can reach and anyone may use, else None."""
     if api_key or is_loopback(host):
         return None
@@ -660,9 +669,10 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
-          device: str = "auto", *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          device: str = "auto", *, api_key: str | Sequence[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, drain_seconds: float = DEFAULT_DRAIN_SECONDS,
-          batching: BatchingLimits | None = None) -> None:
+          batching: BatchingLimits | None = None, allowed_origins: Sequence[str] = (),
+          tls: tuple[str, str] | None = None, max_connections: int | None = DEFAULT_MAX_CONNECTIONS) -> None:
     """Load a checkpoint and serve it with uvicorn until interrupted.
 
     On SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets the running requests finish for up to
@@ -678,13 +688,18 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     name = directory.name if directory.name not in ("best", "last") and not directory.name.startswith("step-") \
         else f"{directory.parent.name}/{directory.name}"
     app = create_app(model, tokenizer, name, config.to_dict()["model"], max_tokens_cap, api_key=api_key,
-                     max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, batching=batching)
+                     max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, batching=batching,
+                     allowed_origins=allowed_origins)
     warning = exposure_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    print(f"serving {name} on http://{host}:{port}/ (playground), OpenAI-compatible API at http://{host}:{port}/v1", flush=True)
+    scheme = "https" if tls else "http"
+    print(f"serving {name} on {scheme}://{host}:{port}/ (playground), OpenAI-compatible API at {scheme}://{host}:{port}/v1",
+          flush=True)
+    certfile, keyfile = tls or (None, None)  # HTTPS with this certificate and key
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                           timeout_graceful_shutdown=drain_seconds))
+                                           timeout_graceful_shutdown=drain_seconds, limit_concurrency=max_connections,
+                                           ssl_certfile=certfile, ssl_keyfile=keyfile))
     # uvicorn catches SIGTERM while it runs, drains, then raises the signal again once it has put back the handler
     # it found: this one, so that a drained server exits with status 0 instead of dying of the signal.
     on_main_thread = threading.current_thread() is threading.main_thread()
