@@ -3,6 +3,7 @@ stop strings, bodies that are not JSON, doors that stay shut, health that tells 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -134,3 +135,58 @@ def test_a_reader_that_falls_behind_is_dropped_and_its_slot_freed(monkeypatch):
             list(stalled)
     finally:
         scheduler.close()
+
+
+def test_metrics_count_responses_tokens_load_and_step_time(served):
+    url, _ = served
+    assert httpx.get(f"{url}/metrics").status_code == 401  # behind the key, as the API is
+    for body in ({"prompt": "ab", "max_tokens": 3}, {"prompt": "", "max_tokens": 3}):
+        httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=30)
+    httpx.post(f"{url}/v1/completions", json={"prompt": "ab"}, timeout=30)  # no key: 401
+    text = httpx.get(f"{url}/metrics", headers=AUTH).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values['scratchgpt_requests_total{status="200"}'] >= 1
+    assert values['scratchgpt_requests_total{status="400"}'] >= 1 and values['scratchgpt_requests_total{status="401"}'] >= 1
+    assert values["scratchgpt_tokens_generated_total"] >= 3
+    assert values["scratchgpt_step_seconds_count"] >= 2 and values["scratchgpt_step_seconds_sum"] > 0
+    assert values["scratchgpt_requests_running"] == 0 and values["scratchgpt_requests_waiting"] == 0
+
+
+# --- fuzzing the API from its own schema ---------------------------------------------------------------------------
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+
+def fuzzed_app():
+    import torch
+
+    from scratchgpt.build import build_model
+    from scratchgpt.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=TOKENIZER.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    app = create_app(model.eval(), TOKENIZER, "tiny", max_tokens_cap=24, batching=None)
+    # Each case runs the app's lifespan, whose shutdown closes the scheduler for good (tested in test_server_guard):
+    # the fuzzed app keeps one scheduler for every case.
+    app.router.lifespan_context = _no_lifespan
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _no_lifespan(app):
+    yield
+
+
+schema = schemathesis.openapi.from_asgi("/openapi.json", fuzzed_app())
+
+
+@schema.parametrize()
+@hypothesis_settings(max_examples=60, deadline=None)
+def test_no_request_the_schema_allows_gets_a_5xx_or_leaves_the_schema(case):
+    """Bodies drawn from the API's own OpenAPI schema (and past it): never a 5xx; statuses, content types and
+    JSON bodies as the schema declares them. (A schema-valid body may still be a 400: the caps on max_tokens, n and
+    the prompt are the server's flags, not the schema's, so that one check is left out.)"""
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    case.call_and_validate(excluded_checks=[positive_data_acceptance])

@@ -41,6 +41,7 @@ class Item:
     done: bool
     error: str | None = None  # why it failed
     its_own_fault: bool = False  # the failure came from this request's settings (a 400), not the engine (a 500)
+    step_seconds: float = 0.0  # how long the engine step that made it took (the first item of a step carries it)
 
 
 class EngineLoop:
@@ -70,15 +71,16 @@ class EngineLoop:
             self._send([self.engine.stop(request)])
 
     def step(self) -> None:
+        start = time.perf_counter()
         try:
             outputs = expire(self.engine) + self.engine.step()
         except Exception as exc:  # a fault of the forward pass itself: every running request gets it
             outputs = [self.engine.stop(r) for r in list(self.engine.running)]
             self._send(outputs, error=f"{type(exc).__name__}: {exc}")
             return
-        self._send(outputs)
+        self._send(outputs, step_seconds=time.perf_counter() - start)
 
-    def _send(self, outputs, error: str | None = None) -> None:
+    def _send(self, outputs, error: str | None = None, step_seconds: float = 0.0) -> None:
         items = []
         for output in outputs:
             request_id = output.request.id
@@ -87,6 +89,7 @@ class EngineLoop:
             failure = error or (str(output.error) if output.error is not None else None)
             items.append(Item(request_id, output.chunks, output.done, failure, error is None))
         if items:
+            items[0].step_seconds = step_seconds
             self.send(items)
 
     def run(self, receive: Callable[[bool], tuple | None]) -> None:

@@ -111,9 +111,12 @@ class Scheduler:
 
     def __init__(self, model: torch.nn.Module, tokenizer, slots: int = DEFAULT_SLOTS,
                  max_waiting: int = DEFAULT_MAX_WAITING, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-                 own_process: bool = False, compile: bool = False):
+                 own_process: bool = False, compile: bool = False,
+                 on_step: Callable[[float], None] | None = None):
         """`own_process`: run the engine in a child process (process.py); if it cannot start, say so once and
-        run it on a thread here. `compile`: the engine's steps compiled (inference/compiled.py)."""
+        run it on a thread here. `compile`: the engine's steps compiled (inference/compiled.py). `on_step(seconds)`
+        hears how long each engine step took (the server's metrics)."""
+        self.on_step = on_step
         self.slots, self.max_waiting, self.request_timeout = slots, max_waiting, request_timeout
         self.compile = compile
         self._lock = threading.Lock()
@@ -197,6 +200,8 @@ class Scheduler:
 
     def _deliver(self, items: list[Item]) -> None:
         """Hand each item to its stream (on the runner's thread); an ended request frees its slots."""
+        if items and items[0].step_seconds and self.on_step is not None:
+            self.on_step(items[0].step_seconds)
         for item in items:
             stream = self._streams.get(item.id)
             if stream is not None and not item.done and stream.ready() >= MAX_BEHIND:

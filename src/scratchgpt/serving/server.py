@@ -3,6 +3,7 @@
     GET  /                 the playground (static/playground.html)
     GET  /health           the model's name and config, and what the server is doing
     GET  /v1/models        the one model served, as OpenAI lists models
+    GET  /metrics          Prometheus metrics (metrics.py)
     POST /v1/completions   OpenAI's legacy completions API, streamed as server-sent events on request
 
 The server is a thin layer over the one decoding engine (inference/engine.py), the one the CLI
@@ -56,6 +57,7 @@ from ..errors import ScratchGPTError, TokenizerError
 from ..inference.engine import SamplingError, SamplingSettings
 from ..inference.text import CompletionChunk, TokenDetail
 from ..model import count_parameters
+from .metrics import ServerMetrics
 from .scheduler import (
     DEFAULT_MAX_WAITING,
     DEFAULT_REQUEST_TIMEOUT,
@@ -151,23 +153,26 @@ async def _server_busy(request: Request, exc: ServerBusy) -> JSONResponse:
 # --- in front of every route: the API key and the size of a request body ------------------------------------------
 
 def _needs_key(path: str) -> bool:
-    """Whether a path is the API (/v1/*) or its schema (/openapi.json), which a key guards; / and /health stay open."""
-    return path == "/v1" or path.startswith("/v1/") or path == "/openapi.json"
+    """Whether a path is the API (/v1/*), its schema or its metrics, which a key guards; / and /health stay open."""
+    return path == "/v1" or path.startswith("/v1/") or path in ("/openapi.json", "/metrics")
 
 
 class _Guard:
     """ASGI middleware: with an API key set, a /v1/* request without `Authorization: Bearer KEY` is a 401; a
     request body over `max_body_bytes` is a 413, by its Content-Length or, without one, by counting what arrives."""
 
-    def __init__(self, app, api_keys: Sequence[str], max_body_bytes: int):
+    def __init__(self, app, api_keys: Sequence[str], max_body_bytes: int,
+                 on_status: Callable[[str, int], None] = lambda path, status: None):
         self.app = app
         self.keys = [key.encode("utf-8") for key in api_keys]
         self.max_body_bytes = max_body_bytes
+        self.on_status = on_status  # hears every response's path and status (the metrics)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        send = self._counting(scope["path"], send)
         headers = dict(scope["headers"])  # lower-case names; of repeated headers the last counts
         if self.keys and _needs_key(scope["path"]):
             refusal = self._key_refusal(headers.get(b"authorization"))
@@ -187,6 +192,13 @@ class _Guard:
             await self._too_large()(scope, receive, send)
             return
         await self.app(scope, _replay(received, receive), send)
+
+    def _counting(self, path: str, send):
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.on_status(path, message["status"])
+            await send(message)
+        return counted
 
     def _key_refusal(self, authorization: bytes | None) -> JSONResponse | None:
         """None if `authorization` carries this server's key (compared in constant time), else the 401."""
@@ -238,8 +250,9 @@ class _Stats:
 
     BUCKET_S = 0.1  # the recent tokens are counted per tenth of a second
 
-    def __init__(self) -> None:
+    def __init__(self, on_tokens: Callable[[int], None] = lambda n: None) -> None:
         self._lock = threading.Lock()
+        self.on_tokens = on_tokens  # hears every count of new tokens (the metrics)
         self.active = 0
         self.tokens_generated = 0
         self.started = time.monotonic()
@@ -248,6 +261,7 @@ class _Stats:
     def add_tokens(self, n: int) -> None:
         """Count `n` more generated tokens (called from worker threads)."""
         bucket = int(time.monotonic() / self.BUCKET_S)
+        self.on_tokens(n)
         with self._lock:
             self.tokens_generated += n
             if self._recent and self._recent[-1][0] == bucket:
@@ -287,6 +301,7 @@ class ServerState:
     max_tokens_cap: int
     max_logprobs: int
     scheduler: Scheduler
+    metrics: ServerMetrics
     stats: _Stats = field(default_factory=_Stats)
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
 
@@ -298,10 +313,13 @@ class ServerState:
         model_config = config if config is not None else vars(model.config)
         max_logprobs = min(MAX_LOGPROBS, tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else MAX_LOGPROBS)
         limits = batching or BatchingLimits()
+        metrics = ServerMetrics()
         scheduler = Scheduler(model, tokenizer, limits.slots, limits.max_waiting, limits.request_timeout,
-                              own_process=limits.own_process, compile=limits.compile)
-        return cls(model, tokenizer, model_name, model_config, max_tokens_cap, max_logprobs, scheduler,
-                   max_prompt_tokens=max_prompt_tokens)
+                              own_process=limits.own_process, compile=limits.compile,
+                              on_step=metrics.step_seconds.observe)
+        metrics.follow(scheduler.load)
+        return cls(model, tokenizer, model_name, model_config, max_tokens_cap, max_logprobs, scheduler, metrics,
+                   stats=_Stats(on_tokens=metrics.tokens.inc), max_prompt_tokens=max_prompt_tokens)
 
     @property
     def max_samples(self) -> int:
@@ -570,7 +588,9 @@ async def playground() -> HTMLResponse:
     return HTMLResponse((resources.files("scratchgpt.serving") / "static" / "playground.html").read_text(encoding="utf-8"))
 
 
-@router.get("/health", response_model=None)
+@router.get("/health", response_model=None, responses={
+    200: {"description": "the model and the load; status \"ok\""},
+    503: {"description": "the engine is gone: status \"unavailable: <why>\""}})
 async def health(state: State) -> JSONResponse:
     """GET /health: the model's name, config and size, the cap, and what the server is doing (ServerState.load);
     200 with status "ok", or 503 with "unavailable: <why>" once the scheduler has stopped (a load balancer or
@@ -589,13 +609,42 @@ async def health(state: State) -> JSONResponse:
     })
 
 
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {}}, "description": "Prometheus's text format"}})
+async def metrics(state: State) -> Response:
+    """GET /metrics: Prometheus's text format (metrics.py lists what it counts); behind the key on a keyed server."""
+    return Response(state.metrics.exposition(), media_type=state.metrics.content_type)
+
+
 @router.get("/v1/models")
 async def models(state: State) -> dict[str, Any]:
     """GET /v1/models: the one model served, as OpenAI lists models."""
     return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "scratchgpt"}]}
 
 
-@router.post("/v1/completions", response_model=None)
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every refusal's body, as OpenAI shapes it: {"error": {"message", "type", "param", "code"}}."""
+
+    error: ErrorDetail
+
+
+_REFUSALS = {status: {"model": ErrorBody, "description": why} for status, why in (
+    (400, "a request the server cannot take, naming the field at fault"), (401, "no key, or the wrong one"),
+    (413, "a body over --max-body-bytes"), (429, "every slot busy and the waiting line full"),
+    (499, "the client left before the answer"), (503, "the engine is gone, or the server is shutting down"))}
+_COMPLETION_RESPONSES = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                               "description": "the completion, whole or (stream: true) as server-sent events"},
+                         **_REFUSALS}
+
+
+@router.post("/v1/completions", response_model=None, responses=_COMPLETION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, state: State) -> dict[str, Any] | Response:
     """POST /v1/completions: check the request, then stream the completion as events or answer it whole."""
     prompt, prompt_ids, settings = settings_for(body, state)
@@ -642,7 +691,8 @@ def create_app(model: torch.nn.Module, tokenizer, model_name: str = "scratchgpt"
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ServerBusy, _server_busy)
     keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
-    app.add_middleware(_Guard, api_keys=keys, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_keys=keys, max_body_bytes=max_body_bytes,
+                       on_status=app.state.server.metrics.count_response)
     if allowed_origins:  # pages served elsewhere may call the API from a browser (outermost: answers preflights)
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
