@@ -345,3 +345,26 @@ def test_import_a_gpt2_directory_with_vocab_and_merges(tmp_path, small_corpus):
     idx = torch.tensor([tokenizer.encode(SAMPLE)[:16]])
     with torch.no_grad():
         assert _max_diff(model(idx)[0], hf_model(idx).logits) < TOLERANCE
+
+
+def test_overwrite_replaces_only_an_earlier_export_never_the_source_or_other_files(tmp_path, tokenizer):
+    ckpt, _ = _checkpoint(tmp_path, tokenizer)
+    hf_dir = tmp_path / "hf"
+    export_hf(ckpt, hf_dir)
+    export_hf(ckpt, hf_dir, overwrite=True)  # an earlier export of ours: replaced
+    assert (hf_dir / "model.safetensors").is_file()
+    for out in (ckpt, tmp_path, ckpt / "inner"):  # the checkpoint itself, a folder holding it, a folder inside it
+        with pytest.raises(InteropError, match="would overwrite the model being converted"):
+            export_hf(ckpt, out, overwrite=True)
+    assert (ckpt / "model.safetensors").is_file()
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(InteropError, match="not written by scratchgpt export"):
+        export_hf(ckpt, mine, overwrite=True)
+    assert (mine / "thesis.txt").read_text() == "years of work"
+    with pytest.raises(InteropError, match="not a scratchgpt checkpoint"):
+        import_hf(hf_dir, mine, tokenizer_path=ckpt, overwrite=True)
+    with pytest.raises(InteropError, match="would overwrite the model being converted"):
+        import_hf(hf_dir, hf_dir, tokenizer_path=ckpt, overwrite=True)
+    assert (mine / "thesis.txt").is_file() and (hf_dir / "config.json").is_file()

@@ -39,7 +39,7 @@ from ..config import ModelConfig
 from ..errors import InteropError
 from ..tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, byte_level_alphabet
 from ..version import __version__
-from .hf import check_exportable
+from .hf import check_exportable, refuse_to_cover
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 END_OF_TEXT = "<|endoftext|>"
@@ -264,9 +264,12 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", ove
     if out.suffix != ".gguf":
         raise InteropError(f"--out {out} should name a .gguf file, such as {out.with_suffix('.gguf')}")
     modelfile = out.with_suffix(".Modelfile")
+    refuse_to_cover(out, Path(checkpoint))
     existing = [p for p in (out, modelfile) if p.exists()]
     if existing and not overwrite:
         raise InteropError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
+    if any(not p.is_file() for p in existing):  # --overwrite replaces the two files an export writes, nothing else
+        raise InteropError(f"{next(p for p in existing if not p.is_file())} is not a file, so --overwrite leaves it alone")
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer, config, _ = load_checkpoint(checkpoint)
     vocab = write_gguf(model, tokenizer, out, dtype, name=Path(str(checkpoint)).name)

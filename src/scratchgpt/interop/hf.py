@@ -235,12 +235,35 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _prepare_empty_dir(out: Path, overwrite: bool) -> None:
+EXPORT_TITLE = "# A scratchgpt model in Hugging Face GPT-2 format"  # the first line of every export's README.md
+
+
+def _prepare_empty_dir(out: Path, overwrite: bool, source: Path) -> None:
+    """Make `out` an empty directory. With `overwrite`, only an earlier export of ours is replaced: never the source
+    checkpoint or a folder holding it, never a folder of other files."""
+    refuse_to_cover(out, source)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise InteropError(f"{out} already exists and is not empty; choose another --out or pass --overwrite to replace it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if not _is_our_export(out):
+            raise InteropError(f"{out} was not written by scratchgpt export (its README.md does not say so), so "
+                               "--overwrite leaves it alone; choose another --out or remove it yourself")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _is_our_export(out: Path) -> bool:
+    try:
+        return out.is_dir() and (out / "README.md").read_text(encoding="utf-8").startswith(EXPORT_TITLE)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def refuse_to_cover(out: Path, source: Path) -> None:
+    """Refuse an --out that is the source, holds it, or lies inside it: writing there would destroy it."""
+    out_abs, source_abs = out.expanduser().resolve(), source.expanduser().resolve()
+    if out_abs == source_abs or out_abs in source_abs.parents or source_abs in out_abs.parents:
+        raise InteropError(f"--out {out} would overwrite the model being converted ({source}); choose another --out")
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> ExportResult:
@@ -252,7 +275,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = Fal
     model, tokenizer, config, meta = load_checkpoint(checkpoint)
     check_exportable(config.model)
     out = Path(out_dir)
-    _prepare_empty_dir(out, overwrite)
+    _prepare_empty_dir(out, overwrite, Path(checkpoint))
     result = ExportResult(out)
     try:
         files, notes, end_id = write_hf_tokenizer(tokenizer, out, config.model.block_size)
@@ -270,7 +293,7 @@ def _export_readme(checkpoint: str | Path, config: Config, meta: dict[str, Any],
     m = config.model
     where = str(result.out_dir)
     lines = [
-        "# A scratchgpt model in Hugging Face GPT-2 format",
+        EXPORT_TITLE,
         "",
         f"Exported by scratchgpt {__version__} from `{checkpoint}` (step {meta.get('step', '?')}): "
         f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, vocabulary {m.vocab_size}.",
@@ -323,8 +346,13 @@ def import_hf(source: str | Path, out: str | Path, tokenizer_path: str | Path | 
     model.load_state_dict(state)
     config = Config(model=model_config, train=TrainConfig(), data=DataConfig(tokenizer=tokenizer.to_dict()["type"]))
     target = Path(out).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise InteropError(f"{target} already exists and is not empty; choose another --out or pass --overwrite to replace it")
+    refuse_to_cover(target, src)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not overwrite:
+            raise InteropError(f"{target} already exists and is not empty; choose another --out or pass --overwrite to replace it")
+        if not (target / "meta.json").is_file():
+            raise InteropError(f"{target} is not a scratchgpt checkpoint, so --overwrite leaves it alone; choose "
+                               "another --out or remove it yourself")
     try:
         save_checkpoint(target, model, tokenizer, config, {"step": 0, "imported_from": str(src)})
     except CheckpointError as exc:
