@@ -368,3 +368,18 @@ def test_overwrite_replaces_only_an_earlier_export_never_the_source_or_other_fil
     with pytest.raises(InteropError, match="would overwrite the model being converted"):
         import_hf(hf_dir, hf_dir, tokenizer_path=ckpt, overwrite=True)
     assert (mine / "thesis.txt").is_file() and (hf_dir / "config.json").is_file()
+
+
+def test_a_weight_index_cannot_reach_outside_the_imported_directory(tmp_path, tokenizer):
+    import json
+
+    ckpt, _ = _checkpoint(tmp_path, tokenizer)
+    hf_dir = tmp_path / "hf"
+    export_hf(ckpt, hf_dir)
+    secret = tmp_path / "elsewhere.safetensors"
+    (hf_dir / "model.safetensors").rename(secret)
+    for name in ("../elsewhere.safetensors", str(secret)):
+        index = {"weight_map": {"transformer.wte.weight": name}}
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+        with pytest.raises(InteropError, match="not a file in"):
+            import_hf(hf_dir, tmp_path / "back", tokenizer_path=ckpt)

@@ -199,9 +199,14 @@ def read_gpt2_weights(directory: Path) -> dict[str, torch.Tensor]:
             return None
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            return [directory / name for name in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise InteropError(f"cannot read the weight index {index}: {exc}") from None
+        inside = directory.resolve()
+        for name in names:  # a shard is a file of this directory, never a path out of it
+            if not isinstance(name, str) or inside not in (directory / name).resolve().parents:
+                raise InteropError(f"the weight index {index} names {name!r}, which is not a file in {directory}")
+        return [directory / name for name in names]
 
     candidates = [
         shards("model.safetensors.index.json") or ([directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else None),
