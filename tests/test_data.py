@@ -118,3 +118,22 @@ def test_a_corrupt_packaged_copy_is_refused(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="SHA-256.*--data"):
         tiny_shakespeare_path()
     assert not (tmp_path / "tinyshakespeare" / "input.txt").exists()
+
+
+def test_a_token_cache_cut_short_is_encoded_again_and_stale_temporaries_go(monkeypatch, tmp_path, small_corpus, capsys):
+    import os
+    from pathlib import Path
+
+    monkeypatch.setenv("SCRATCHGPT_CACHE", str(tmp_path / "cache"))
+    good = prepare_dataset(str(small_corpus))
+    expected = np.array(good.train_ids)
+    train_file = Path(good.train_ids.filename)
+    stale = train_file.parent.parent / f".{train_file.parent.name}.tmp-dead"
+    stale.mkdir()
+    os.utime(stale, (0, 0))  # left by a run killed long ago
+    del good
+    with open(train_file, "r+b") as f:  # a disk that filled up, a copy cut short
+        f.truncate(train_file.stat().st_size // 2)
+    again = prepare_dataset(str(small_corpus))
+    assert np.array_equal(np.array(again.train_ids), expected)
+    assert "damaged" in capsys.readouterr().err and not stale.exists()

@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,10 @@ def _load_tokens(corpus: Corpus, stats: CorpusStats, n_train: int, tokenizer: To
     key = hashlib.sha256(json.dumps([content_key, val_fraction, tokenizer_digest]).encode()).hexdigest()[:24]
     folder = cache_dir() / "tokens" / key
     dtype = _id_dtype(tokenizer.vocab_size)
+    if (folder / "meta.json").is_file() and _damaged(folder, dtype):
+        print(f"note: the token cache {folder} is damaged (a file cut short or unreadable); encoding again",
+              file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
     if not (folder / "meta.json").is_file():
         _encode_corpus(corpus, stats, n_train, tokenizer, dtype, folder, corpus.source, val_fraction)
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
@@ -280,6 +285,28 @@ def _load_tokens(corpus: Corpus, stats: CorpusStats, n_train: int, tokenizer: To
     return Dataset(tokenizer, train_ids, val_ids, meta["train_chars"], meta["val_chars"], Path(corpus.source),
                    meta["train_bytes"], meta["val_bytes"], meta["val_target_chars"], meta["val_target_bytes"],
                    [str(corpus.files[i]) for i in stats.included], stats.skipped)
+
+
+def _damaged(folder: Path, dtype: np.dtype) -> bool:
+    """Whether a cached token folder disagrees with its meta.json: each split's file holds exactly its tokens."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        sizes = {name: (folder / f"{name}.bin").stat().st_size if meta[f"{name}_tokens"] else 0
+                 for name in ("train", "val")}
+        return any(sizes[name] != meta[f"{name}_tokens"] * np.dtype(dtype).itemsize for name in sizes)
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+
+
+def _remove_stale_temporaries(parent: Path, name: str, older_than_s: float = 3600.0) -> None:
+    """Temporary folders a killed encoding left behind (a live one is younger than an hour: left alone)."""
+    now = time.time()
+    for stale in parent.glob(f".{name}.tmp-*"):
+        try:
+            if now - stale.stat().st_mtime > older_than_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _write_splits(corpus: Corpus, stats: CorpusStats, n_train: int, tokenizer: Tokenizer, dtype: np.dtype,
@@ -304,6 +331,7 @@ def _encode_corpus(corpus: Corpus, stats: CorpusStats, n_train: int, tokenizer: 
                    folder: Path, source: str, val_fraction: float) -> None:
     """Encode both splits a chunk at a time into `folder`/{train,val}.bin, then write meta.json."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(folder.parent, folder.name)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
         try:
