@@ -56,6 +56,22 @@ def test_eval_json(trained_run, small_corpus, capsys):
     assert result["val_perplexity"] == pytest.approx(torch.tensor(result["val_loss"]).exp().item(), rel=1e-5)
 
 
+def test_eval_names_the_checkpoints_data_and_refuses_it_when_gone(trained_run, small_corpus, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(trained_run), "--json"]) == 0
+    assert f"evaluating on {small_corpus}" in capsys.readouterr().err
+    import dataclasses
+
+    from scratchgpt import load
+    from scratchgpt.checkpoint import load_checkpoint, save_checkpoint
+
+    model, tokenizer = load(trained_run)
+    config = load_checkpoint(trained_run)[2]
+    gone = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(tmp_path / "gone.txt")))
+    moved = save_checkpoint(tmp_path / "moved", model, tokenizer, gone, {"step": 0})
+    assert main(["eval", "--checkpoint", str(moved)]) == 1
+    assert "gone.txt, which is not here; pass --data" in capsys.readouterr().err
+
+
 def test_python_api_load(trained_run):
     import scratchgpt
 

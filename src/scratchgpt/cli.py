@@ -535,6 +535,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ScratchGPTError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
     model, tokenizer, config, _ = load_checkpoint(args.checkpoint, device)
+    if args.data is None and config.data.path is not None:  # the checkpoint names its training text: say so
+        if not Path(config.data.path).exists():
+            raise ScratchGPTError(f"the checkpoint was trained on {config.data.path}, which is not here; pass --data PATH "
+                                  "with the text to evaluate on")
+        print(f"evaluating on {config.data.path} (the checkpoint's training text; --data PATH for another)",
+              file=sys.stderr)
     data_config = dataclasses.replace(config.data, path=args.data or config.data.path,
                                       encoding=args.encoding or config.data.encoding,
                                       skip_bad_files=args.skip_bad_files or config.data.skip_bad_files)
