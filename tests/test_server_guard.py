@@ -439,3 +439,24 @@ def test_bad_door_flags_are_one_line_errors(checkpoint, uvicorn_runs, tmp_path, 
     assert serve_main(checkpoint, *flags) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and not uvicorn_runs
+
+
+def test_serve_exits_non_zero_once_its_engine_is_gone(checkpoint, monkeypatch, capsys):
+    """So that a supervisor (systemd, a container's restart policy) starts it again."""
+    import time
+
+    import uvicorn
+
+    def run(self, sockets=None):
+        self.started = True
+        self.config.app.state.server.scheduler._runner.send(("no_such_command",))  # the engine loop fails
+        deadline = time.monotonic() + 10
+        while not self.should_exit:
+            assert time.monotonic() < deadline, "serve did not notice its engine was gone"
+            time.sleep(0.05)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.delenv("SCRATCHGPT_API_KEY", raising=False)
+    assert serve_main(checkpoint, "--in-process") == 1
+    err = capsys.readouterr().err
+    assert "stopped unexpectedly" in err and "so that its supervisor can start it again" in err

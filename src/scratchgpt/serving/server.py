@@ -78,7 +78,8 @@ DISCONNECT_POLL_S = 0.2  # how often a non-streamed request checks that its clie
 DEFAULT_MAX_BODY_BYTES = 1_000_000  # --max-body-bytes: a larger request body is a 413
 DEFAULT_MAX_PROMPT_TOKENS = 8192  # --max-prompt-tokens: a longer prompt is a 400
 DEFAULT_MAX_CONNECTIONS = 256  # --max-connections: beyond this many at once, uvicorn answers 503
-DEFAULT_DRAIN_SECONDS = 30.0  # --drain-seconds: how long SIGTERM lets running requests finish
+DEFAULT_DRAIN_SECONDS = 30.0
+ENGINE_WATCH_S = 0.5  # how often `serve` checks that its engine is still there  # --drain-seconds: how long SIGTERM lets running requests finish
 API_KEY_ENV = "SCRATCHGPT_API_KEY"  # where `scratchgpt serve` finds the key when --api-key is not given
 LOAD_WINDOW_S = 5.0  # /health's tokens_per_second is the rate over this many seconds
 
@@ -755,6 +756,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: setattr(server, "should_exit", True)) \
         if on_main_thread else None
+    died = _exit_when_the_engine_dies(app.state.server.scheduler, server)
     try:
         server.run()
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has drained too, then raised SIGINT again
@@ -765,3 +767,24 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     if not server.started:
         raise ScratchGPTError(f"could not serve on {host}:{port} (uvicorn's message above says why)")
+    if died:
+        raise ScratchGPTError(f"{died[0]}; the server stopped so that its supervisor can start it again")
+
+
+def _exit_when_the_engine_dies(scheduler: Scheduler, server) -> list[str]:
+    """Watch the engine: once it is gone for any reason but a shutdown, stop uvicorn (it drains what it can) and
+    leave the reason in the returned list, so that `serve` exits non-zero and a supervisor restarts it."""
+    died: list[str] = []
+
+    def watch() -> None:
+        while not server.should_exit:
+            why = scheduler.stopped
+            if why is not None and why != "the server is shutting down":
+                print(f"scratchgpt serve: error: {why}", file=sys.stderr, flush=True)
+                died.append(why)
+                server.should_exit = True
+                return
+            time.sleep(ENGINE_WATCH_S)
+
+    threading.Thread(target=watch, name="scratchgpt-engine-watch", daemon=True).start()
+    return died
