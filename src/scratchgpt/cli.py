@@ -489,7 +489,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 SAMPLE_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
-                "repetition_penalty": "--repetition-penalty", "num_samples": "--num-samples", "stop": "--stop"}
+                "repetition_penalty": "--repetition-penalty", "num_samples": "--num-samples", "stop": "--stop",
+                "seed": "--seed"}
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -30,17 +30,12 @@ _compiled: Callable | None = None  # one compiled function per process; dynamo k
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its CompiledStep
 
 
-def _decode_forward(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor) -> torch.Tensor:
-    """One decoding step for every row: set the cache up, run the model, advance; last-position logits (rows, V)."""
-    cache.decode(active)
-    logits = model(tokens, cache=cache)[0][:, -1]  # (rows, 1) -> (rows, V)
-    cache.advance()
-    return logits
-
-
 def eager_step(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
                length: int | None = None) -> torch.Tensor:
-    """The step as written, for the engine's eager path; `length`: every row takes part at this length (cache.py)."""
+    """One decoding step for every row: set the cache up, run the model, advance; last-position logits (rows, V).
+
+    `length`: every row takes part at this length (cache.py's eager shortcut); the compiled step never passes it.
+    """
     cache.decode(active, length)
     logits = model(tokens, cache=cache)[0][:, -1]  # (rows, 1) -> (rows, V)
     cache.advance()
@@ -48,7 +43,7 @@ def eager_step(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, act
 
 
 class CompiledStep:
-    """`_decode_forward`, compiled on its first call; eager from then on if compiling fails, said once."""
+    """`eager_step`, compiled on its first call; eager from then on if compiling fails, said once."""
 
     def __init__(self, say: Callable[[str], None] | None = None):
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -82,7 +77,7 @@ class CompiledStep:
 def _compiled_function() -> Callable:
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(_decode_forward, fullgraph=True, dynamic=False)
+        _compiled = torch.compile(eager_step, fullgraph=True, dynamic=False)
     return _compiled
 
 

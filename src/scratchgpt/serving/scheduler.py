@@ -123,7 +123,7 @@ class Scheduler:
         self._free = slots
         self._waiting: collections.deque[Job] = collections.deque()
         self._streams: dict[int, Stream] = {}
-        self._running: set[int] = set()
+        self._running: dict[int, int] = {}  # job id -> the slots it holds
         self._ids = itertools.count()
         self._stopped: str | None = None
         self._runner = self._start_runner(model.eval(), tokenizer, own_process)
@@ -195,7 +195,7 @@ class Scheduler:
         while self._waiting and self._free >= self._waiting[0].settings.num_samples:
             job = self._waiting.popleft()
             self._free -= job.settings.num_samples
-            self._running.add(job.id)
+            self._running[job.id] = job.settings.num_samples
             self._runner.send(("start", job))
 
     def _deliver(self, items: list[Item]) -> None:
@@ -218,10 +218,7 @@ class Scheduler:
     def _finish(self, job_id: int) -> None:
         with self._lock:
             stream = self._streams.pop(job_id, None)
-            if job_id in self._running:
-                self._running.remove(job_id)
-                for job in (stream.job,) if stream is not None else ():
-                    self._free += job.settings.num_samples
+            self._free += self._running.pop(job_id, 0)
             self._admit()
         if stream is not None:
             stream.put(END)
