@@ -1,6 +1,7 @@
 """Checkpoints: a directory of plain files, nothing executable, written atomically.
 
-    model.safetensors        the weights (tied tensors stored once)
+    model.safetensors        the weights (tied tensors stored once); a LoRA checkpoint holds only
+                             its adapter, and meta.json names its base checkpoint by path and SHA-256
     config.json              model, train and data config
     tokenizer.json           the vocabulary
     meta.json                format marker, step, losses, versions
@@ -30,6 +31,7 @@ from .build import build_model
 from .config import Config
 from .errors import CheckpointError, ConfigError, TokenizerError
 from .files import sha256_of
+from .lora import adapter_state, add_lora, merge
 from .tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from .version import __version__
 
@@ -128,7 +130,10 @@ def save_checkpoint(
     target = Path(directory)
     try:
         with _atomic_directory(target) as tmp:
-            save_model(model, str(tmp / "model.safetensors"))
+            if meta.get("lora"):
+                save_file(adapter_state(model), str(tmp / "model.safetensors"))
+            else:
+                save_model(model, str(tmp / "model.safetensors"))
             _write_json(tmp / "config.json", config.to_dict())
             save_tokenizer(tokenizer, tmp / "tokenizer.json")
             if optimizer is not None:
@@ -207,8 +212,12 @@ def read_config(directory: Path) -> Config:
         raise CheckpointError(f"cannot read {config_path}: {exc}") from None
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, Config, dict[str, Any]]:
-    """Rebuild the model from a checkpoint (no pickle involved). Returns (model, tokenizer, config, meta)."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    merge_lora: bool = True) -> tuple[torch.nn.Module, Tokenizer, Config, dict[str, Any]]:
+    """Rebuild the model from a checkpoint (no pickle involved). Returns (model, tokenizer, config, meta).
+
+    A LoRA checkpoint is its base checkpoint plus the adapter, merged into plain layers unless
+    `merge_lora` is false (resuming its training needs the LoRA layers)."""
     directory = resolve_checkpoint(path)
     for name in REQUIRED_FILES:
         if not (directory / name).is_file():
@@ -224,6 +233,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(
             f"{directory}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json says vocab_size {config.model.vocab_size}"
         )
+    if meta.get("lora"):
+        model = _load_lora(directory, meta["lora"], config, merge_lora)
+        return model.to(device).eval(), tokenizer, config, meta
     model = build_model(config.model)
     weights = directory / "model.safetensors"
     try:
@@ -234,6 +246,30 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{weights} does not match config.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.to(device).eval()
     return model, tokenizer, config, meta
+
+
+def _load_lora(directory: Path, lora: dict[str, Any], config: Config, merge_lora: bool) -> torch.nn.Module:
+    """The base checkpoint `lora` names, checked against its SHA-256, with this checkpoint's adapter."""
+    base = Path(str(lora.get("base", "")))
+    if not (base / "model.safetensors").is_file():
+        raise CheckpointError(f"{directory} is a LoRA adapter for the base checkpoint {base}, which is not there; "
+                              "put the base back where it was trained from, or export a merged model")
+    if sha256_of(base / "model.safetensors") != lora.get("base_sha256"):
+        raise CheckpointError(f"{directory} is a LoRA adapter for {base}, but that checkpoint has changed since "
+                              "(its SHA-256 differs from the one in meta.json): the adapter fits only the weights it was trained on")
+    model, _, _, _ = load_checkpoint(base)
+    tcfg = config.train
+    add_lora(model, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_target_names, vocab_size=config.model.vocab_size)
+    weights = directory / "model.safetensors"
+    try:
+        adapter = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read the adapter {weights}: {str(exc).splitlines()[0]}") from None
+    expected = set(adapter_state(model))
+    if set(adapter) != expected:
+        raise CheckpointError(f"{weights} does not match its config (expected {sorted(expected)[:2]}..., got {sorted(adapter)[:2]}...)")
+    model.load_state_dict(adapter, strict=False)
+    return merge(model) if merge_lora else model
 
 
 def load_training_state(directory: Path) -> tuple[dict, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The `scratchgpt` command: train, sample, eval, bench, serve, presets, export, import, plot.
+"""The `scratchgpt` command: train, sft, chat, sample, eval, bench, serve, presets, export, import, plot.
 
 Every config field becomes a flag (`n_layer` -> `--n-layer`), so a preset is a starting point
 and anything in it can be changed from the command line. Errors the user can fix are printed
@@ -56,6 +56,17 @@ SAMPLE_EXAMPLES = """examples:
   scratchgpt sample --checkpoint runs/baby --num-samples 4 --stop $'\\n\\n' --repetition-penalty 1.2
   scratchgpt sample --checkpoint runs/baby --temperature 0 --no-kv-cache   # the slow reference path, same text
 """
+SFT_EXAMPLES = """examples:
+  scratchgpt sft --checkpoint runs/cpu-baby --out runs/chat        # the built-in set, offline
+  scratchgpt sft --checkpoint runs/cpu-baby --data chats.jsonl --out runs/mine
+  scratchgpt sft --checkpoint runs/gpt2 --data chats/ --lora-rank 8 --lr 1e-3 --out runs/gpt2-chat   # LoRA
+  scratchgpt sft --resume runs/chat --max-steps 2000               # continue a fine-tuning run
+"""
+CHAT_EXAMPLES = """examples:
+  scratchgpt chat --checkpoint runs/chat
+  scratchgpt chat --checkpoint runs/chat --system "Answer briefly." --temperature 0.7 --seed 1
+  echo "Spell horse backwards." | scratchgpt chat --checkpoint runs/chat --temperature 0
+"""
 EVAL_EXAMPLES = """examples:
   scratchgpt eval --checkpoint runs/baby
   scratchgpt eval --checkpoint runs/baby --data my_text.txt --json
@@ -66,6 +77,8 @@ EVAL_EXAMPLES = """examples:
 MAIN_EXAMPLES = """examples:
   scratchgpt train --preset cpu-baby --out runs/baby
   scratchgpt sample --checkpoint runs/baby --prompt "ROMEO:"
+  scratchgpt sft --checkpoint runs/baby --out runs/chat     # teach it to answer
+  scratchgpt chat --checkpoint runs/chat                    # and talk to it
   scratchgpt eval --checkpoint runs/baby
   scratchgpt plot runs/baby runs/big --out compare.png     # loss curves of two runs in one figure
   scratchgpt COMMAND --help      # each command's options and examples
@@ -170,6 +183,34 @@ def _add_sample_parser(commands) -> None:
     _add_device_flags(p)
 
 
+def _add_chat_parsers(commands) -> None:
+    p = commands.add_parser("sft", help="fine-tune a trained model to answer: supervised fine-tuning on conversations",
+                            epilog=SFT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Teach a trained model to answer: train it on conversations (JSONL, "
+                                        "{\"messages\": [...]} per line) with the loss on the assistant's replies only. "
+                                        "Without --data, a built-in set made from Tiny Shakespeare. The base is never modified.")
+    p.add_argument("--checkpoint", help="the trained model to start from: a run directory or a checkpoint directory")
+    p.add_argument("--out", help="run directory for the fine-tuned checkpoints and logs (default runs/chat)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the fine-tuning run in RUN_DIR from its last/ checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+    p = commands.add_parser("chat", help="talk to a fine-tuned model in the terminal", epilog=CHAT_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="A conversation with a chat model (from `scratchgpt sft`): type a message, read "
+                                        "the reply as it is written. The oldest turns leave when the context is full. "
+                                        "Ctrl-D or Ctrl-C leaves; /reset starts over.")
+    p.add_argument("--checkpoint", required=True, help="a fine-tuned run directory (uses best/, else last/) or checkpoint")
+    p.add_argument("--system", default="", help="a system message that opens the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply, in tokens (default 200; the context may allow fewer)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose probability adds up to p")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same replies")
+    _add_device_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scratchgpt", description="A GPT built from scratch: train it on text, then sample from it.",
                      epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
 
     _add_sample_parser(commands)
+    _add_chat_parsers(commands)
 
     p = commands.add_parser("eval", help="loss on the whole validation split", epilog=EVAL_EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -488,6 +530,91 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .chat.sft import check_out, sft, sft_config
+    from .train import resume_config
+
+    overrides = _overrides(args)
+    shape = sorted(name for name in overrides["model"] if name not in FREE_MODEL_FIELDS)
+    if shape:
+        raise ScratchGPTError(f"--{shape[0].replace('_', '-')} cannot be used with sft: the model's shape comes from its checkpoint")
+    if args.resume:
+        if args.checkpoint:
+            raise ScratchGPTError("--checkpoint starts a new fine-tuning run; --resume continues one: use one")
+        out = Path(args.resume)
+        config = resume_config(out, overrides)
+    else:
+        if not args.checkpoint:
+            raise ScratchGPTError("sft needs --checkpoint: the trained model to fine-tune (for example runs/cpu-baby)")
+        config = sft_config(args.checkpoint, overrides)
+        out = Path(args.out or "runs/chat")
+        check_out(args.checkpoint, out)
+        _prepare_out_dir(out, args.overwrite)
+    result = sft(config, out, resume=bool(args.resume), progress=not args.no_progress, started_at=_process_start())
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        verb = "stopped" if result.train.interrupted else "done"
+        print(f"{verb}: {result.train.steps} steps in {result.train.elapsed_seconds:.1f} s; checkpoints in {out}")
+        print(f"talk to it: scratchgpt chat --checkpoint {out}")
+    return 130 if result.train.interrupted else 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat.template import Message, is_chat_tokenizer
+    from .checkpoint import load_checkpoint
+    from .device import resolve_device
+    from .inference.engine import SamplingSettings
+
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed)
+    settings.validate(SAMPLE_FLAGS)
+    model, tokenizer, _, _ = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    if not is_chat_tokenizer(tokenizer):
+        raise ScratchGPTError(f"{args.checkpoint} is not a chat model (its tokenizer has no role tokens); fine-tune it "
+                              f"first: scratchgpt sft --checkpoint {args.checkpoint} --out runs/chat")
+    opening = [Message("system", args.system)] if args.system else []
+    tokenizer.encode(args.system)  # refuse an unknown character before the conversation starts
+    print(f"talking to {args.checkpoint}: type a message; Ctrl-D or Ctrl-C leaves, /reset starts over", file=sys.stderr)
+    try:
+        _converse(model, tokenizer, opening, settings)
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
+    return 0
+
+
+def _converse(model, tokenizer, opening, settings) -> None:
+    """Read a line, print the reply as it comes, keep the history; until EOFError or KeyboardInterrupt."""
+    from .chat.talk import stream_reply
+    from .chat.template import Message
+
+    history = list(opening)
+    while True:
+        line = input("you> ")
+        if line.strip() == "/reset":
+            history = list(opening)
+            continue
+        if not line.strip():
+            continue
+        try:
+            tokenizer.encode(line)
+        except ScratchGPTError as exc:
+            print(f"scratchgpt chat: {exc}", file=sys.stderr)
+            continue
+        history.append(Message("user", line))
+        sys.stdout.write("model> ")
+        reply = []
+        for chunks in stream_reply(model, tokenizer, history, settings, trim=True):
+            for chunk in chunks:
+                reply.append(chunk.text)
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append(Message("assistant", "".join(reply)))
+        if settings.seed is not None:  # the next reply draws on, rather than repeating this one's draws
+            settings.seed += 1
+
+
 SAMPLE_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
                 "repetition_penalty": "--repetition-penalty", "num_samples": "--num-samples", "stop": "--stop",
                 "seed": "--seed"}
@@ -699,7 +826,7 @@ def _main(argv: list[str] | None) -> int:
         # Before the first tensor: glibc then reuses the memory each step frees (allocator.py).
         # Not for `bench`, whose two paths share one heap unlike any training run (BENCHMARKS.md).
         keep_freed_memory()
-    handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "presets": cmd_presets,
+    handler = {"train": cmd_train, "sft": cmd_sft, "chat": cmd_chat, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "presets": cmd_presets,
                "serve": cmd_serve, "export": cmd_export, "import": cmd_import, "plot": cmd_plot}[args.command]
     try:
         if getattr(args, "threads", 0) < 0:
@@ -709,7 +836,7 @@ def _main(argv: list[str] | None) -> int:
 
         # A server's event loop and request threads need a core of their own beside PyTorch's threads.
         most = max(1, torch.get_num_threads() - 1) if args.command == "serve" else None
-        governor = governed(args.threads, say=_note, most=most) if args.command in ("sample", "eval", "serve") else nullcontext()
+        governor = governed(args.threads, say=_note, most=most) if args.command in ("sample", "chat", "eval", "serve") else nullcontext()
         with governor:
             return handler(args)
     except ScratchGPTError as exc:

@@ -136,6 +136,10 @@ class TrainConfig:
     # Fine-tuning: a checkpoint whose weights and tokenizer start this run. The model's shape
     # comes from it (only dropout and attention are taken from this config). "": from scratch.
     init_from: str = ""
+    # LoRA (lora.py): freeze the init_from weights and train a rank-r update of the target layers. 0: off.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "c_attn,c_proj,c_fc"  # comma-separated names of the linear layers that get one
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters"):
@@ -157,6 +161,14 @@ class TrainConfig:
         _require(self.muon_lr > 0 and 0 <= self.muon_momentum < 1, f"muon_lr must be > 0 and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}")
         _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.lora_rank >= 0, f"lora_rank must be >= 0 (0 turns LoRA off), got {self.lora_rank}")
+        _require(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        _require(not self.lora_rank or bool(self.init_from), "LoRA fine-tunes a trained model: give it one with --init-from (or sft --checkpoint)")
+        _require(all(t.strip() for t in self.lora_targets.split(",")), f"lora_targets must be comma-separated layer names, got {self.lora_targets!r}")
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(","))
 
     @property
     def decay_steps(self) -> int:
@@ -178,6 +190,7 @@ class DataConfig:
     vocab_size: int = 1024  # bpe only: tokens in the learned vocabulary (256 bytes + merges)
     encoding: str = "utf-8"  # the files' text encoding (a Python codec name)
     skip_bad_files: bool = False  # leave out files that are not text in `encoding`, instead of refusing them
+    chat: bool = False  # conversations for supervised fine-tuning (chat/): JSONL files at `path`, or the built-in set
 
     def __post_init__(self) -> None:
         _require(self.tokenizer in TOKENIZER_KINDS, f"tokenizer must be one of {TOKENIZER_KINDS}, got {self.tokenizer!r}")
@@ -263,6 +276,9 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "muon_lr": "Muon's peak learning rate (follows the same schedule)",
         "muon_momentum": "Muon's Nesterov momentum",
         "init_from": 'checkpoint whose weights and tokenizer start this run (fine-tuning); "": from scratch',
+        "lora_rank": "LoRA: freeze the --init-from weights and train a rank-r update of the target layers; 0: off (train every weight)",
+        "lora_alpha": "LoRA: the update is scaled by lora_alpha / lora_rank",
+        "lora_targets": "LoRA: comma-separated names of the linear layers that get an update (c_attn, c_proj, c_fc)",
     },
     "data": {
         "path": 'a text file, a directory of them, or a glob; "": Tiny Shakespeare',
@@ -271,6 +287,7 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "vocab_size": "bpe only: tokens in the learned vocabulary (256 bytes + merges)",
         "encoding": "the files' text encoding (a Python codec name)",
         "skip_bad_files": "leave out files that are not text in --encoding, instead of refusing them",
+        "chat": "conversations (JSONL) for supervised fine-tuning at --data, or the built-in set (what `scratchgpt sft` sets)",
     },
 }
 

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from .batches import BatchSampler
 from .config import DataConfig
 from .errors import DataError, TokenizerError
+from .evaluate import EvalResult, evaluate_split
 from .files import atomic_write_bytes, write_once
 from .text import Corpus, CorpusStats, cache_dir, codepoints, find_corpus_files, scan_corpus
 from .tokenizer import (
@@ -70,7 +73,7 @@ class _SplitWriter:
         self._pending_chars = 0
         if isinstance(tokenizer, CharTokenizer):
             self._lookup = np.full(0x110000, -1, dtype=np.int64)  # code point -> id, -1 for unknown
-            self._lookup[[ord(c) for c in tokenizer.chars]] = np.arange(tokenizer.vocab_size)
+            self._lookup[[ord(c) for c in tokenizer.chars]] = np.arange(len(tokenizer.chars))
 
     def _write(self, ids: np.ndarray) -> None:
         if len(ids):
@@ -176,6 +179,34 @@ class Dataset:
     def bits_per_byte(self, loss_per_token: float) -> float:
         """A validation loss in nats per token as bits per UTF-8 byte of the validation text."""
         return loss_per_token * (len(self.val_ids) - 1) / max(1, self.val_target_bytes) / math.log(2)
+
+    @property
+    def train_tokens(self) -> int:
+        return len(self.train_ids)
+
+    @property
+    def val_tokens(self) -> int:
+        return len(self.val_ids)
+
+    def sampler(self, split: str, block_size: int, batch_size: int, seed: int, device: torch.device, rank: int = 0,
+                world_size: int = 1) -> BatchSampler:
+        """Random training windows of `block_size` tokens from one split."""
+        ids = self.train_ids if split == "train" else self.val_ids
+        return BatchSampler(ids, block_size, batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, batch_size: int = 32,
+                 should_stop: Callable[[], bool] | None = None, progress: bool = False) -> EvalResult:
+        """The loss over the whole validation split (what `scratchgpt eval` reports)."""
+        return evaluate_split(model, self.val_ids, self.val_target_chars, batch_size=batch_size, device=device,
+                              n_bytes=self.val_target_bytes, should_stop=should_stop, progress=progress,
+                              description="full validation")
+
+    def sample_prompt(self) -> list[int]:
+        """Where a sample during training starts: a newline (or the first token, for text without one)."""
+        try:
+            return self.tokenizer.encode("\n")
+        except TokenizerError:
+            return [0]
 
     def require_windows(self, block_size: int) -> None:
         """Refuse a corpus too small for one window of `block_size + 1` tokens in each split."""

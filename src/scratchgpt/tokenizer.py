@@ -15,6 +15,9 @@ Each is saved as JSON in a checkpoint's tokenizer.json:
     {"type": "byte"}
     {"type": "bpe", "hf_tokenizer": {...the JSON of tokenizers.Tokenizer.to_str()...}}
 
+A tokenizer may also carry special tokens after its own vocabulary (`"special_tokens": [...]`,
+see `SpecialTokens`): the chat template's role tokens.
+
 Byte-level ids can end in the middle of a UTF-8 character (a sample cut short, one token of a
 stream), so `decode` replaces incomplete bytes with U+FFFD instead of failing; when streaming,
 `engine.TextStream` holds them back until the character is complete.
@@ -22,6 +25,7 @@ stream), so `decode` replaces incomplete bytes with U+FFFD instead of failing; w
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,9 +41,15 @@ class Tokenizer(Protocol):
     """What every tokenizer offers: text <-> ids, its size, and its JSON description."""
 
     kind: str
+    special_tokens: tuple[str, ...]
 
     @property
     def vocab_size(self) -> int: ...
+
+    @property
+    def base_vocab_size(self) -> int: ...
+
+    def special_id(self, name: str) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -56,7 +66,60 @@ def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
         raise TokenizerError(f"token id {bad[0]} is outside the vocabulary of {vocab_size} tokens")
 
 
-class CharTokenizer:
+class SpecialTokens:
+    """Named tokens after a tokenizer's own vocabulary, such as the chat template's role tokens.
+
+    They get the ids `base_vocab_size`, `base_vocab_size + 1`, ...; `encode` never produces
+    them (it only knows the base vocabulary), so no text can turn into one: a user cannot type
+    a role into a message. `decode` writes each as its name.
+    """
+
+    special_tokens: tuple[str, ...] = ()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + len(self.special_tokens)
+
+    def special_id(self, name: str) -> int:
+        if name not in self.special_tokens:
+            raise TokenizerError(f"the tokenizer has no special token {name!r} (it has {list(self.special_tokens) or 'none'})")
+        return self.base_vocab_size + self.special_tokens.index(name)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        _check_ids(ids, self.vocab_size)
+        base, pieces, run = self.base_vocab_size, [], []
+        for i in ids:
+            if int(i) < base:
+                run.append(int(i))
+                continue
+            if run:
+                pieces.append(self._base_bytes(run))
+                run = []
+            pieces.append(self.special_tokens[int(i) - base].encode("utf-8"))
+        if run:
+            pieces.append(self._base_bytes(run))
+        return b"".join(pieces)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _base_bytes(self, ids: list[int]) -> bytes:
+        raise NotImplementedError
+
+    def _with_specials(self, d: dict[str, Any]) -> dict[str, Any]:
+        return {**d, "special_tokens": list(self.special_tokens)} if self.special_tokens else d
+
+
+def with_special_tokens(tokenizer: Tokenizer, names: Sequence[str]) -> Tokenizer:
+    """A copy of `tokenizer` that also has the special tokens `names` (those it has already are kept in place)."""
+    if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
+        raise TokenizerError("special tokens must be distinct, non-empty strings")
+    copied = copy.copy(tokenizer)
+    copied.special_tokens = tuple(tokenizer.special_tokens) + tuple(n for n in names if n not in tokenizer.special_tokens)
+    return copied
+
+
+class CharTokenizer(SpecialTokens):
     """One token per character; the vocabulary is fixed when the tokenizer is built."""
 
     kind = "char"
@@ -72,7 +135,7 @@ class CharTokenizer:
         return cls(sorted(set(text)))
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
@@ -90,47 +153,39 @@ class CharTokenizer:
             "use only characters from the training text (or train with --tokenizer byte or bpe, which know every character)"
         )
 
-    def decode(self, ids: Sequence[int]) -> str:
-        _check_ids(ids, self.vocab_size)
-        return "".join(self.chars[i] for i in ids)
-
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        return self.decode(ids).encode("utf-8")
+    def _base_bytes(self, ids: list[int]) -> bytes:
+        return "".join(self.chars[i] for i in ids).encode("utf-8")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "chars": self.chars}
+        return self._with_specials({"type": self.kind, "chars": self.chars})
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CharTokenizer) and other.chars == self.chars
+        return isinstance(other, CharTokenizer) and other.chars == self.chars and other.special_tokens == self.special_tokens
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-class ByteTokenizer:
+class ByteTokenizer(SpecialTokens):
     """One token per byte of the UTF-8 encoding: 256 symbols, never an unknown character."""
 
     kind = "byte"
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        _check_ids(ids, 256)
-        return bytes(int(i) for i in ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+    def _base_bytes(self, ids: list[int]) -> bytes:
+        return bytes(ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind}
+        return self._with_specials({"type": self.kind})
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ByteTokenizer)
+        return isinstance(other, ByteTokenizer) and other.special_tokens == self.special_tokens
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=256)"
@@ -168,7 +223,7 @@ def _mentions_byte_level(component: Any) -> bool:
 DEFAULT_BPE_VOCAB_SIZE = 1024
 
 
-class BPETokenizer:
+class BPETokenizer(SpecialTokens):
     """Byte-level BPE held in a Hugging Face `tokenizers.Tokenizer` (the `.hf` attribute)."""
 
     kind = "bpe"
@@ -221,7 +276,7 @@ class BPETokenizer:
         return cls(hf)
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return len(self._token_bytes)
 
     def encode(self, text: str) -> list[int]:
@@ -231,18 +286,15 @@ class BPETokenizer:
         """Several texts at once, encoded in parallel by the Rust library."""
         return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
 
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        _check_ids(ids, self.vocab_size)
-        return b"".join(self._token_bytes[int(i)] for i in ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+    def _base_bytes(self, ids: list[int]) -> bytes:
+        return b"".join(self._token_bytes[i] for i in ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "hf_tokenizer": json.loads(self.hf.to_str())}
+        return self._with_specials({"type": self.kind, "hf_tokenizer": json.loads(self.hf.to_str())})
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, BPETokenizer) and other.hf.to_str() == self.hf.to_str()
+        return (isinstance(other, BPETokenizer) and other.hf.to_str() == self.hf.to_str()
+                and other.special_tokens == self.special_tokens)
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
@@ -250,6 +302,13 @@ class BPETokenizer:
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from its JSON description (see the module docstring for the formats)."""
+    specials = d.get("special_tokens", []) if isinstance(d, dict) else []
+    if not isinstance(specials, list):
+        raise TokenizerError("a tokenizer's special_tokens must be a list of strings")
+    return with_special_tokens(_base_from_dict(d), specials) if specials else _base_from_dict(d)
+
+
+def _base_from_dict(d: dict[str, Any]) -> Tokenizer:
     kind = d.get("type") if isinstance(d, dict) else None
     if kind == "char" and isinstance(d.get("chars"), list):
         return CharTokenizer(d["chars"])

@@ -31,11 +31,14 @@ from tqdm import tqdm
 
 from .batches import BatchSampler
 from .build import build_model
+from .chat.data import ChatData, chat_data_from_config
+from .chat.template import chat_tokenizer, end_id
 from .checkpoint import (
     load_checkpoint,
     load_training_state,
     read_config,
     recover_interrupted_save,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from .config import FREE_MODEL_FIELDS, Config, ModelConfig, TrainConfig
@@ -50,9 +53,10 @@ from .device import (
     tick,
 )
 from .distributed import DistributedContext, all_sum, gather, setup, teardown
-from .errors import CheckpointError, ScratchGPTError, TokenizerError
-from .evaluate import EvalResult, EvaluationStopped, evaluate_split, progress_bar
-from .files import atomic_write_bytes
+from .errors import CheckpointError, ScratchGPTError
+from .evaluate import EvalResult, EvaluationStopped, progress_bar
+from .files import atomic_write_bytes, sha256_of
+from .lora import add_lora, count_trainable, grow_vocab
 from .model import count_parameters
 from .optim import configure_optimizer, set_learning_rate
 from .plot import plot_run
@@ -164,8 +168,8 @@ def estimate_loss(model: torch.nn.Module, data: Dataset, cfg: Config, device: to
     ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
     try:
         with progress_bar(2 * n_batches, "loss estimate", progress) as bar:
-            for split, ids in (("train", data.train_ids), ("val", data.val_ids)):
-                sampler = BatchSampler(ids, cfg.model.block_size, cfg.train.batch_size, seed=1234, device=device)
+            for split in ("train", "val"):
+                sampler = data.sampler(split, cfg.model.block_size, cfg.train.batch_size, seed=1234, device=device)
                 total = 0.0
                 for _ in range(n_batches):
                     if should_stop and should_stop():
@@ -198,23 +202,23 @@ def _final_eval_seconds(model: torch.nn.Module, data: Dataset, cfg: Config, devi
         timings.append(time.perf_counter() - start)
     per_batch = min(timings)
     model.train(was_training)
-    full_batches = math.ceil((len(data.val_ids) - 1) / block / 32)
+    full_batches = math.ceil((data.val_tokens - 1) / block / 32)
     estimate_batches = 2 * cfg.train.eval_iters * cfg.train.batch_size / 32
     return 1.15 * per_batch * (full_batches + estimate_batches) + 1.0  # + saving and plotting
 
 
-def sample_text(model: torch.nn.Module, data: Dataset, n_tokens: int, device: torch.device, seed: int = 0) -> str:
-    """A short sample at temperature 1, starting from a newline, to read how training is going."""
+def sample_text(model: torch.nn.Module, data: Dataset | ChatData, n_tokens: int, device: torch.device, seed: int = 0) -> str:
+    """A short sample at temperature 1, to read how training is going: from a newline, or a reply to a conversation."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    try:
-        start_ids = data.tokenizer.encode("\n")
-    except TokenizerError:  # a corpus without newlines: start from the first token instead
-        start_ids = [0]
+    start_ids = data.sample_prompt()
     idx = torch.tensor([start_ids], dtype=torch.long, device=device)
     ids = [int(t[0]) for t in generate(model, idx, n_tokens, temperature=1.0, generator=generator)]
     model.train(was_training)
+    if isinstance(data, ChatData):  # the conversation and the reply, up to its end-of-turn token
+        end = end_id(data.tokenizer)
+        return data.tokenizer.decode(start_ids + (ids[: ids.index(end) + 1] if end in ids else ids))
     return data.tokenizer.decode(ids)
 
 
@@ -327,7 +331,8 @@ class Start:
 
     config: Config  # the run's own copy; under --init-from its model shape is the checkpoint's
     tokenizer: Tokenizer | None = None  # None: built from the corpus
-    weights: dict[str, torch.Tensor] | None = None
+    model: nn.Module | None = None  # None: a fresh one; a resumed LoRA run's model has its LoRA layers
+    lora_base: dict[str, Any] | None = None  # a LoRA run's base checkpoint: its path and SHA-256
     optimizer_state: dict[str, Any] | None = None
     train_state: dict[str, Any] | None = None  # step, best val loss, tokens seen, time, random states
 
@@ -354,7 +359,7 @@ def plan_start(config: Config, out: Path, resume: bool) -> Start:
     config = copy.deepcopy(config)
     if resume:
         resume_config(out, {})  # the checks and the recovery of an interrupted save
-        model, tokenizer, saved, _ = load_checkpoint(out / "last")
+        model, tokenizer, saved, meta = load_checkpoint(out / "last", merge_lora=False)
         optimizer_state, train_state = load_training_state(out / "last")
         if tokenizer.kind != config.data.tokenizer:
             raise CheckpointError(f"cannot resume {out / 'last'} with --tokenizer {config.data.tokenizer}: "
@@ -364,12 +369,16 @@ def plan_start(config: Config, out: Path, resume: bool) -> Start:
                   for k in asdict(saved.model) if k not in FREE_MODEL_FIELDS and getattr(saved.model, k) != getattr(config.model, k)]
         if differ:
             raise CheckpointError(f"cannot resume from {out / 'last'}: the model config does not match: {'; '.join(differ)}")
-        return Start(config, tokenizer, model.state_dict(), optimizer_state, train_state)
+        return Start(config, tokenizer, model, meta.get("lora"), optimizer_state, train_state)
     if config.train.init_from:
         model, tokenizer, initial, _ = load_checkpoint(config.train.init_from)
         # The weights fix the network's shape; only the free fields come from this config.
         config.model = ModelConfig(**{**asdict(initial.model), **{k: getattr(config.model, k) for k in FREE_MODEL_FIELDS}})
-        return Start(config, tokenizer, model.state_dict())
+        if config.data.chat:
+            tokenizer = chat_tokenizer(tokenizer)
+        base = resolve_checkpoint(config.train.init_from)
+        lora_base = {"base": str(base.resolve()), "base_sha256": sha256_of(base / "model.safetensors")}
+        return Start(config, tokenizer, model, lora_base if config.train.lora_rank else None)
     return Start(config)
 
 
@@ -423,6 +432,7 @@ class Run:
     best_val: float = float("inf")
     tokens_seen: int = 0
     last_losses: dict[str, float] = field(default_factory=lambda: {"train": float("nan"), "val": float("nan")})
+    lora_base: dict[str, Any] | None = None  # a LoRA run saves its adapter only, naming this base
 
     @property
     def main(self) -> bool:
@@ -437,7 +447,8 @@ class Run:
         """Write checkpoint `name` at the current step; with its optimizer and random states unless told not to."""
         state = self._train_state() if with_state else None  # a collective under DDP: every rank takes part
         if self.main:
-            save_checkpoint(self.out / name, self.model, self.data.tokenizer, self.config, {"step": self.step, **meta},
+            lora = {"lora": self.lora_base} if self.lora_base else {}
+            save_checkpoint(self.out / name, self.model, self.data.tokenizer, self.config, {"step": self.step, **meta, **lora},
                             self.optimizer if with_state else None, state)
 
     def _train_state(self) -> dict[str, Any]:
@@ -460,19 +471,20 @@ def _set_up(start: Start, out: Path, dist_ctx: DistributedContext, device: torch
     torch.manual_seed(tcfg.seed + dist_ctx.rank)  # dropout masks differ between replicas
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
-    data = dataset_from_config(config.data, tokenizer=start.tokenizer, block_size=config.model.block_size,
-                               progress=progress and dist_ctx.is_main, log=say)
-    config.model.vocab_size = data.tokenizer.vocab_size
-    model = build_model(config.model).to(device)
-    if start.weights is not None:
-        model.load_state_dict(start.weights)
+    if config.data.chat:
+        data = chat_data_from_config(config.data, start.tokenizer, config.model.block_size, log=say)
+    else:
+        data = dataset_from_config(config.data, tokenizer=start.tokenizer, block_size=config.model.block_size,
+                                   progress=progress and dist_ctx.is_main, log=say)
+    model = _model_to_train(start, data.tokenizer.vocab_size, config).to(device)
     amp = autocast_dtype(tcfg.dtype, device)
     optimizer = configure_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    sampler = BatchSampler(data.train_ids, config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device,
+    sampler = data.sampler("train", config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device,
                            rank=dist_ctx.rank, world_size=dist_ctx.world_size)
     clock = Clock(t0, budget=tcfg.time_budget)
-    run = Run(config, out, dist_ctx, device, amp, data, model, model, optimizer, scaler, sampler, clock, say, progress)
+    run = Run(config, out, dist_ctx, device, amp, data, model, model, optimizer, scaler, sampler, clock, say, progress,
+              lora_base=start.lora_base)
     if start.train_state:
         _restore(run, start)
     run.step_model = compile_model(model, device, say) if tcfg.compile else model
@@ -483,6 +495,21 @@ def _set_up(start: Start, out: Path, dist_ctx: DistributedContext, device: torch
         if start.train_state:
             _truncate_metrics(out / "metrics.jsonl", run.step)
     return run
+
+
+def _model_to_train(start: Start, vocab_size: int, config: Config) -> nn.Module:
+    """A fresh model; or the --init-from one, with LoRA layers (--lora-rank) or grown to new tokens; or a resumed one."""
+    tcfg = config.train
+    if start.model is None:
+        config.model.vocab_size = vocab_size
+        return build_model(config.model)
+    model = start.model
+    if start.train_state is None and tcfg.lora_rank:
+        add_lora(model, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_target_names, vocab_size=vocab_size)
+    elif start.train_state is None:
+        grow_vocab(model, vocab_size)  # the chat template's tokens get rows (lora.new_rows_like says how they start)
+    config.model.vocab_size = vocab_size
+    return model
 
 
 def _restore(run: Run, start: Start) -> None:
@@ -503,8 +530,9 @@ def _announce(run: Run, resumed: bool) -> None:
     """The one line that says what is being trained, where, and how."""
     threads = torch.get_num_threads()
     run.say(
-        f"scratchgpt: {run.config.model.model_type} with {count_parameters(run.model):,} parameters, "
-        f"vocab {run.data.tokenizer.vocab_size}, {len(run.data.train_ids):,} train / {len(run.data.val_ids):,} val tokens, "
+        f"scratchgpt: {run.config.model.model_type} with {count_parameters(run.model):,} parameters"
+        + (f" ({count_trainable(run.model):,} trainable: LoRA rank {run.config.train.lora_rank})" if run.lora_base else "")
+        + f", vocab {run.data.tokenizer.vocab_size}, {run.data.train_tokens:,} train / {run.data.val_tokens:,} val tokens, "
         f"device {run.device.type}"
         + (f" x {run.dist_ctx.world_size} processes" if run.dist_ctx.enabled else "")
         + (f", {threads} CPU thread{'s' if threads > 1 else ''}" if run.device.type == "cpu" else "")
@@ -628,9 +656,8 @@ def _finish(run: Run, interrupted: bool, stop: dict[str, bool]) -> EvalResult | 
     full = None
     if not interrupted:
         try:
-            full = evaluate_split(run.model, run.data.val_ids, run.data.val_target_chars, batch_size=32, device=run.device,
-                                  n_bytes=run.data.val_target_bytes, should_stop=lambda: stop["stop"],
-                                  progress=run.progress and run.main, description="full validation")
+            full = run.data.evaluate(run.model, run.device, batch_size=32, should_stop=lambda: stop["stop"],
+                                     progress=run.progress and run.main)
         except EvaluationStopped:
             interrupted = True
     losses = {"train_loss": run.last_losses["train"], "val_loss": run.last_losses["val"]}

@@ -71,6 +71,7 @@ class SamplingSettings:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     stop: Sequence[str] = ()
+    stop_ids: Sequence[int] = ()  # tokens that end a sample and add no text (a chat reply's <|end|>)
     num_samples: int = 1
     seed: int | None = None
     logprobs: int | None = None  # how many alternatives to report per token; None: no log-probabilities

@@ -93,10 +93,12 @@ class TextChunk:
 
 
 class TextStream:
-    """One sequence's generated text, released as it becomes final, ended by a stop string."""
+    """One sequence's generated text, released as it becomes final, ended by a stop string or a stop token
+    (such as the chat template's end-of-turn token, which adds no text)."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), stop_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
+        self.stop_ids = frozenset(stop_ids)
         self.stop = [s for s in stop if s]
         self.matcher = StopMatcher(self.stop)
         self.ids: list[int] = []
@@ -113,6 +115,8 @@ class TextStream:
         """Add one generated token; return the text (maybe empty) that became final."""
         if self.finish_reason is not None:
             raise RuntimeError("this text has already ended")
+        if token_id in self.stop_ids:
+            return self._stop_token(token_id)
         self.offsets.append(len(self.text))
         self.ids.append(token_id)
         cut = self.matcher.feed(self._decode_new())
@@ -121,6 +125,17 @@ class TextStream:
             self.finish_reason = "stop"
             return self._release(cut)
         return self._release(len(self.text) - self.matcher.waiting)
+
+    def _stop_token(self, token_id: int) -> TextChunk:
+        """End at a stop token: the text held back so far becomes final, the token itself adds none."""
+        cut = self.matcher.feed(self._decode_new(force=True)) if self._decoded < len(self.ids) else None
+        if cut is not None:
+            self.text = self.text[:cut]
+        self.offsets.append(len(self.text))
+        self.ids.append(token_id)
+        self._decoded = len(self.ids)
+        self.finish_reason = "stop"
+        return self._release(len(self.text))
 
     def _decode_new(self, force: bool = False) -> str:
         """Decode the tokens not yet in the text, with one token of context before them (a tokenizer may spell a
@@ -196,7 +211,7 @@ class CompletionText:
     def __init__(self, tokenizer, settings):
         self.tokenizer = tokenizer
         self.logprobs = settings.logprobs
-        self.streams = [TextStream(tokenizer, settings.stop) for _ in range(settings.num_samples)]
+        self.streams = [TextStream(tokenizer, settings.stop, settings.stop_ids) for _ in range(settings.num_samples)]
         self.details: list[list[TokenDetail]] = [[] for _ in self.streams]
 
     @property

@@ -5,6 +5,9 @@
     GET  /v1/models        the one model served, as OpenAI lists models
     GET  /metrics          Prometheus metrics (metrics.py)
     POST /v1/completions   OpenAI's legacy completions API, streamed as server-sent events on request
+    POST /v1/chat/completions  OpenAI's chat API, for a model fine-tuned by `scratchgpt sft`: the
+                           messages are rendered by the one chat template (chat/template.py), and
+                           the reply, through the same scheduler, ends at the model's <|end|>
 
 The server is a thin layer over the one decoding engine (inference/engine.py), the one the CLI
 and `generate_text` step: its scheduler (scheduler.py) admits requests and steps the engine for
@@ -53,6 +56,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat.talk import prompt_ids, reply_settings
+from ..chat.template import ChatError, Message, as_messages, is_chat_tokenizer
 from ..errors import ScratchGPTError, TokenizerError
 from ..inference.engine import SamplingError, SamplingSettings
 from ..inference.text import CompletionChunk, TokenDetail
@@ -102,6 +107,26 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     echo: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class ChatRequest(BaseModel):
+    """The body of POST /v1/chat/completions: OpenAI's fields, plus top_k and repetition_penalty."""
+
+    messages: list[dict[str, Any]] | None = None
+    model: str | None = None
+    max_tokens: int | None = None  # the older name of max_completion_tokens
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    n: int = 1
+    stream: bool = False
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
     stream_options: dict[str, Any] | None = None
 
 
@@ -405,9 +430,10 @@ def _check_limits(body: CompletionRequest, state: ServerState) -> list[str]:
     return stop
 
 
-def settings_for(body: CompletionRequest, state: ServerState) -> tuple[str, list[int], SamplingSettings]:
-    """Check the request and turn it into the prompt, its ids (encoded once, here) and the engine's settings,
-    or raise BadRequest."""
+def settings_for(body: CompletionRequest, state: ServerState,
+                 prompt_ids: list[int] | None = None) -> tuple[str, list[int], SamplingSettings]:
+    """Check the request and turn it into the prompt, its ids (encoded once, here, unless given) and the engine's
+    settings, or raise BadRequest."""
     prompt = _prompt_of(body)
     stop = _check_limits(body, state)
     settings = SamplingSettings(
@@ -416,7 +442,7 @@ def settings_for(body: CompletionRequest, state: ServerState) -> tuple[str, list
     )
     try:  # the engine's own checks, and the tokenizer's, before any decoding starts
         settings.validate(REQUEST_NAMES)
-        prompt_ids = state.tokenizer.encode(prompt)
+        prompt_ids = state.tokenizer.encode(prompt) if prompt_ids is None else prompt_ids
     except SamplingError as exc:
         raise BadRequest(str(exc), exc.param) from None
     except TokenizerError as exc:
@@ -425,6 +451,54 @@ def settings_for(body: CompletionRequest, state: ServerState) -> tuple[str, list
         raise BadRequest(f"prompt is {len(prompt_ids)} tokens; this server takes at most {state.max_prompt_tokens} "
                          "(--max-prompt-tokens)", "prompt")
     return prompt, prompt_ids, settings
+
+
+def _chat_messages(body: ChatRequest, state: ServerState) -> list[Message]:
+    """The request's messages, checked; a content given as text parts is joined."""
+    if not is_chat_tokenizer(state.tokenizer):
+        raise BadRequest("this model is not a chat model (its tokenizer has no role tokens): serve a checkpoint "
+                         "fine-tuned by `scratchgpt sft`, or use /v1/completions", "messages")
+    raw = body.messages if body.messages is not None else []
+    for m in raw:
+        if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
+            parts = m["content"]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+                raise BadRequest("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported", "messages")
+            m["content"] = "".join(p["text"] for p in parts)
+    try:
+        messages = as_messages(raw, "messages")
+    except ChatError as exc:
+        raise BadRequest(str(exc), "messages") from None
+    for i, m in enumerate(messages):
+        _check_text(m.content, f"messages[{i}].content")
+    return messages
+
+
+def chat_settings_for(body: ChatRequest, state: ServerState) -> tuple[list[int], SamplingSettings]:
+    """Check a chat request and turn it into the rendered conversation's ids and the engine's settings (ending at <|end|>)."""
+    messages = _chat_messages(body, state)
+    block = state.model.config.block_size
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    as_completion = CompletionRequest(
+        prompt=".", max_tokens=limit if limit is not None else min(block, state.max_tokens_cap), temperature=body.temperature,
+        top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty, n=body.n, stop=body.stop,
+        seed=body.seed, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    try:
+        ids = prompt_ids(messages, state.tokenizer, block, as_completion.max_tokens)
+    except ChatError as exc:
+        raise BadRequest(str(exc), "messages") from None
+    except TokenizerError as exc:
+        raise BadRequest(f"messages: {exc}", "messages") from None
+    _, ids, settings = settings_for(as_completion, state, ids)
+    return ids, reply_settings(state.tokenizer, settings)
+
+
+def _chat_logprobs(details: list[TokenDetail], n_top: int) -> dict[str, list]:
+    """OpenAI's chat logprobs: per token its text, bytes, log-probability and the top alternatives."""
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**entry(d.text, d.logprob), "top_logprobs": [entry(t, lp) for t, lp in list(d.top.items())[:n_top]]}
+                        for d in details]}
 
 
 # --- one completion: its JSON, streamed or whole -------------------------------------------------------------------
@@ -449,15 +523,18 @@ class _Generation:
     header: dict[str, Any]
     prompt_tokens: int
     stats: _Stats
+    chat: bool = False  # a chat completion: messages and deltas instead of text
     _counted: dict[int, int] = field(default_factory=dict)  # tokens of each sample already counted in stats
 
     @classmethod
-    def start(cls, state: ServerState, prompt: str, prompt_ids: list[int], settings: SamplingSettings) -> _Generation:
+    def start(cls, state: ServerState, prompt: str, prompt_ids: list[int], settings: SamplingSettings,
+              chat: bool = False) -> _Generation:
         """Submit the completion (ServerBusy if the server is full); its chunks come as `chunks()` is iterated."""
-        header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                  "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                   "model": state.model_name}
         stream = state.scheduler.submit(prompt_ids, settings)
-        return cls(prompt, settings, stream, header, len(prompt_ids), state.stats)
+        return cls(prompt, settings, stream, header, len(prompt_ids), state.stats, chat)
 
     async def chunks(self, still_wanted: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[list[CompletionChunk]]:
         """The chunks as they come, read on the event loop: the scheduler's thread wakes it for each step, and it
@@ -494,10 +571,18 @@ class _Generation:
         finally:
             self.stream.close()
 
-    def choice(self, chunk: CompletionChunk) -> dict[str, Any]:
-        """One entry of "choices": a sample's text (or new piece of it), logprobs if asked, finish reason."""
-        logprobs = _logprobs_json(chunk.tokens, len(self.prompt)) if self.settings.logprobs is not None else None
-        return {"text": chunk.text, "index": chunk.index, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
+    def choice(self, chunk: CompletionChunk, first: bool | None = None) -> dict[str, Any]:
+        """One entry of "choices": a sample's text (or new piece of it), logprobs if asked, finish reason.
+        A chat choice holds a message; streamed (`first` given), a delta, with the role in a sample's first."""
+        if not self.chat:
+            logprobs = _logprobs_json(chunk.tokens, len(self.prompt)) if self.settings.logprobs is not None else None
+            return {"text": chunk.text, "index": chunk.index, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
+        logprobs = _chat_logprobs(chunk.tokens, self.settings.logprobs) if self.settings.logprobs is not None else None
+        content = {"role": "assistant", "content": chunk.text}
+        if first is not None:
+            return {"index": chunk.index, "delta": content if first else {"content": chunk.text},
+                    "logprobs": logprobs, "finish_reason": chunk.finish_reason}
+        return {"index": chunk.index, "message": content, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
 
     def usage(self, generated: dict[int, int]) -> dict[str, int]:
         """OpenAI's usage block, given the tokens generated per sample."""
@@ -525,19 +610,21 @@ def _error_event(exc: Exception) -> str:
 async def _events(job: _Generation, stats: _Stats, include_usage: bool) -> AsyncIterator[str]:
     """The server-sent events of a streamed completion: one per chunk, usage if asked, then [DONE]."""
     generated: dict[int, int] = {}
+    header = {**job.header, "object": "chat.completion.chunk"} if job.chat else job.header
     stats.add_active(1)
     try:
         # If the client leaves, Starlette cancels this generator, and `finally` ends the request.
         try:
             async for step in job.chunks():
                 for chunk in step:
+                    first = chunk.index not in generated
                     generated[chunk.index] = chunk.generated
-                    payload = {**job.header, "choices": [job.choice(chunk)]}
+                    payload = {**header, "choices": [job.choice(chunk, first if job.chat else None)]}
                     yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
         except ScratchGPTError as exc:  # this request's own failure (or the engine's): said in the stream
             yield _error_event(exc)
         if include_usage:
-            yield f"data: {json.dumps({**job.header, 'choices': [], 'usage': job.usage(generated)})}\n\n"
+            yield f"data: {json.dumps({**header, 'choices': [], 'usage': job.usage(generated)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         job.stream.close()
@@ -650,8 +737,22 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     """POST /v1/completions: check the request, then stream the completion as events or answer it whole."""
     prompt, prompt_ids, settings = settings_for(body, state)
     job = _Generation.start(state, prompt, prompt_ids, settings)  # a full server raises ServerBusy here: 429
-    if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+    return await _answer(job, body.stream, body.stream_options, request, state)
+
+
+@router.post("/v1/chat/completions", response_model=None, responses=_COMPLETION_RESPONSES)
+async def chat_completions(body: ChatRequest, request: Request, state: State) -> dict[str, Any] | Response:
+    """POST /v1/chat/completions: the assistant's reply to the messages, streamed as deltas or whole."""
+    prompt_ids, settings = chat_settings_for(body, state)
+    job = _Generation.start(state, "", prompt_ids, settings, chat=True)
+    return await _answer(job, body.stream, body.stream_options, request, state)
+
+
+async def _answer(job: _Generation, stream: bool, stream_options: dict[str, Any] | None, request: Request,
+                  state: ServerState) -> dict[str, Any] | Response:
+    """Stream the generation as events, or wait for it and answer it whole."""
+    if stream:
+        include_usage = bool((stream_options or {}).get("include_usage"))
         return StreamingResponse(_events(job, state.stats, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
