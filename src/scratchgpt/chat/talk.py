@@ -46,12 +46,20 @@ def prompt_ids(messages: Sequence[Message], tokenizer: Tokenizer, block_size: in
     return ids
 
 
+def reply_request(messages: Sequence[Message], tokenizer: Tokenizer, block_size: int, settings: SamplingSettings,
+                  trim: bool = False) -> tuple[list[int], SamplingSettings]:
+    """The prompt's ids, and `settings` ending at <|end|> with the reply kept inside the context: a reply never
+    pushes the start of its conversation out of the window."""
+    settings = reply_settings(tokenizer, settings)
+    ids = prompt_ids(messages, tokenizer, block_size, settings.max_new_tokens, trim)
+    return ids, dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, block_size - len(ids)))
+
+
 def stream_reply(model: torch.nn.Module, tokenizer: Tokenizer, messages: Sequence[Message], settings: SamplingSettings,
                  trim: bool = False) -> Iterator[list[CompletionChunk]]:
     """The assistant's reply as the chunks of each step, in the caller's thread (`scratchgpt chat`)."""
-    settings = reply_settings(tokenizer, settings)
     settings.validate()
-    ids = prompt_ids(messages, tokenizer, model.config.block_size, settings.max_new_tokens, trim)
+    ids, settings = reply_request(messages, tokenizer, model.config.block_size, settings, trim)
     device = next(model.parameters()).device
     request = Request(ids, settings, make_generator(settings.seed, device), tokenizer)
     return (output.chunks for output in run(model, request) if output.chunks)
@@ -61,10 +69,9 @@ def stream_reply(model: torch.nn.Module, tokenizer: Tokenizer, messages: Sequenc
 def greedy_replies(model: torch.nn.Module, tokenizer: Tokenizer, conversations: list[list[Message]],
                    max_new_tokens: int = 24, rows: int = 32) -> list[str]:
     """Each conversation's greedy reply, `rows` of them decoded together."""
-    settings = reply_settings(tokenizer, SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0))
-    block = model.config.block_size
-    requests = [Request(prompt_ids(c, tokenizer, block, max_new_tokens, trim=True), settings, None, tokenizer)
-                for c in conversations]
+    greedy = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+    parts = [reply_request(c, tokenizer, model.config.block_size, greedy, trim=True) for c in conversations]
+    requests = [Request(ids, settings, None, tokenizer) for ids, settings in parts]
     texts = {id(r): [] for r in requests}
     engine, waiting = Engine(model, rows=min(rows, max(1, len(requests)))), list(requests)
     while waiting or engine.running:

@@ -56,7 +56,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat.talk import prompt_ids, reply_settings
+from ..chat.talk import reply_request
 from ..chat.template import ChatError, Message, as_messages, is_chat_tokenizer
 from ..errors import ScratchGPTError, TokenizerError
 from ..inference.engine import SamplingError, SamplingSettings
@@ -483,14 +483,17 @@ def chat_settings_for(body: ChatRequest, state: ServerState) -> tuple[list[int],
         prompt=".", max_tokens=limit if limit is not None else min(block, state.max_tokens_cap), temperature=body.temperature,
         top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty, n=body.n, stop=body.stop,
         seed=body.seed, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    _, _, settings = settings_for(as_completion, state, [0])  # the limits and the settings' own checks
     try:
-        ids = prompt_ids(messages, state.tokenizer, block, as_completion.max_tokens)
+        ids, settings = reply_request(messages, state.tokenizer, block, settings)
     except ChatError as exc:
         raise BadRequest(str(exc), "messages") from None
     except TokenizerError as exc:
         raise BadRequest(f"messages: {exc}", "messages") from None
-    _, ids, settings = settings_for(as_completion, state, ids)
-    return ids, reply_settings(state.tokenizer, settings)
+    if len(ids) > state.max_prompt_tokens:
+        raise BadRequest(f"the conversation is {len(ids)} tokens; this server takes at most {state.max_prompt_tokens} "
+                         "(--max-prompt-tokens)", "messages")
+    return ids, settings
 
 
 def _chat_logprobs(details: list[TokenDetail], n_top: int) -> dict[str, list]:
