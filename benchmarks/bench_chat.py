@@ -67,7 +67,7 @@ def lora_child(mode: str, steps: int) -> dict:
     from scratchgpt.tokenizer import CharTokenizer
 
     torch.manual_seed(0)
-    text = read_text(find_corpus_files(None)[0])
+    text = read_text(find_corpus_files(None)[0][0])
     tokenizer = chat_tokenizer(CharTokenizer.from_text(text))
     data = chat_data_from_config(DataConfig(chat=True), tokenizer, 64, log=lambda m: None)
     model = build_model(ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, vocab_size=50257, bias=True,

@@ -361,3 +361,71 @@ def test_chat_completions_on_a_model_that_is_not_a_chat_model_is_a_400(base_run)
 
 def test_the_jinja_template_names_every_role_token():
     assert all(t in JINJA or t == "<|system|>" or t == "<|user|>" for t in CHAT_TOKENS)
+
+
+# --- the template in other tools --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def decisive_chat_run(chat_run, tmp_path_factory):
+    """The chat run with a sharpened model, so that greedy choices are far from ties between two implementations."""
+    from conftest import sharpen
+
+    from scratchgpt.checkpoint import save_checkpoint
+
+    model, tok, config, meta = load_checkpoint(chat_run)
+    out = tmp_path_factory.mktemp("sharp") / "ckpt"
+    save_checkpoint(out, sharpen(model), tok, config, {"step": meta["step"]})
+    return out
+
+
+def test_transformers_apply_chat_template_on_the_export_gives_our_ids_and_reply(tmp_path, decisive_chat_run):
+    transformers = pytest.importorskip("transformers")
+    from scratchgpt.chat.talk import greedy_replies
+    from scratchgpt.interop.hf import export_hf
+
+    export_hf(decisive_chat_run, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model, tok, _, _ = load_checkpoint(decisive_chat_run)
+    messages = [{"role": "system", "content": "be"}, {"role": "user", "content": "the cat"},
+                {"role": "assistant", "content": "tac"}, {"role": "user", "content": "a dog"}]
+    for generation_prompt in (False, True):
+        ours = render(as_messages(messages), tok, add_generation_prompt=generation_prompt).ids
+        theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False)
+        assert list(theirs) == ours
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    plain = [{"role": "user", "content": "the cat"}]
+    ids = hf_tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == render(as_messages(plain), tok, add_generation_prompt=True).ids
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    end = tok.special_id("<|end|>")
+    reply = tok.decode(out[: out.index(end)] if end in out else out)
+    assert reply == greedy_replies(model, tok, [as_messages(plain)], max_new_tokens=8)[0]
+
+
+def test_the_exported_chat_tokenizer_imports_back_with_its_role_tokens(tmp_path, chat_run):
+    pytest.importorskip("transformers")
+    from scratchgpt.interop.hf import export_hf, import_hf
+
+    export_hf(chat_run, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    _, tok, _, _ = load_checkpoint(tmp_path / "back")
+    _, ours, _, _ = load_checkpoint(chat_run)
+    assert tok == ours and tok.special_id("<|end|>") == ours.special_id("<|end|>")
+
+
+def test_llama_cpps_chat_completion_on_the_gguf_gives_our_greedy_reply(tmp_path, decisive_chat_run):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from scratchgpt.chat.talk import greedy_replies
+    from scratchgpt.interop.gguf import export_gguf
+
+    result = export_gguf(decisive_chat_run, tmp_path / "chat.gguf")
+    modelfile = result.modelfile.read_text()
+    assert "<|{{ .Role }}|>{{ .Content }}<|end|>" in modelfile and 'PARAMETER stop "<|end|>"' in modelfile
+    model, tok, config, _ = load_checkpoint(decisive_chat_run)
+    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=config.model.block_size, verbose=False, n_threads=2, seed=0)
+    messages = [{"role": "user", "content": "the cat"}]
+    answer = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=8)
+    assert answer["choices"][0]["message"]["content"] == greedy_replies(model, tok, [as_messages(messages)], 8)[0]
+    assert llm.tokenize("<|user|>".encode(), add_bos=False, special=True) == [tok.special_id("<|user|>")]

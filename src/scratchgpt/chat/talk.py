@@ -15,12 +15,12 @@ from ..inference.engine import Engine, Request, SamplingSettings, make_generator
 from ..inference.text import CompletionChunk
 from ..tokenizer import Tokenizer
 from .tasks import Example, is_correct
-from .template import ChatError, Message, end_id, render
+from .template import CHAT_TOKENS, ChatError, Message, render
 
 
 def reply_settings(tokenizer: Tokenizer, settings: SamplingSettings) -> SamplingSettings:
-    """`settings`, ending each sample at the end-of-turn token."""
-    return dataclasses.replace(settings, stop_ids=(*settings.stop_ids, end_id(tokenizer)))
+    """`settings`, ending each sample at the end-of-turn token (or at a role token: the model starting another turn)."""
+    return dataclasses.replace(settings, stop_ids=(*settings.stop_ids, *(tokenizer.special_id(t) for t in CHAT_TOKENS)))
 
 
 def prompt_ids(messages: Sequence[Message], tokenizer: Tokenizer, block_size: int, room: int,

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..chat.template import JINJA, is_chat_tokenizer
 from ..checkpoint import load_checkpoint
 from ..config import ModelConfig
 from ..errors import InteropError
@@ -43,9 +44,13 @@ from .hf import check_exportable, refuse_to_cover
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 END_OF_TEXT = "<|endoftext|>"
+END_OF_TURN = "<|end|>"  # a chat model's end of a reply (chat/template.py)
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every classic model uses
 # gguf's token types (gguf.TokenType): a piece of text, or a control token that is never text.
 NORMAL, CONTROL = 1, 3
+# chat/template.py's JINJA, for Ollama: each message as <|role|>text<|end|>, then <|assistant|>.
+OLLAMA_CHAT_TEMPLATE = ('TEMPLATE """{{- if .Messages }}{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{- end }}'
+                        '{{- else }}<|user|>{{ .Prompt }}<|end|>{{- end }}<|assistant|>"""')
 # A merge that never applies to UTF-8 text (byte 0xFF never occurs in it): llama.cpp reads a GPT-2
 # tokenizer only with merges, and a vocabulary of one-byte tokens needs none.
 NEVER_MERGES = "ÿ ÿ"
@@ -81,8 +86,14 @@ def _stand_in(data: bytes) -> str:
     return "".join(alphabet[b] for b in data)
 
 
-def _with_end_of_text(tokens: list[str], merges: list[str], notes: list[str]) -> GGUFVocab:
-    types = [NORMAL] * len(tokens)
+def _with_end_of_text(tokens: list[str], merges: list[str], notes: list[str], specials: tuple[str, ...] = (),
+                      types: list[int] | None = None, eos_id: int | None = None) -> GGUFVocab:
+    types = types or [NORMAL] * len(tokens)
+    if specials:  # a chat model: its role tokens follow as control tokens, and a reply ends at <|end|>
+        return GGUFVocab([*tokens, *specials], [*types, *[CONTROL] * len(specials)], merges or [NEVER_MERGES],
+                         len(tokens) + specials.index(END_OF_TURN), notes)
+    if eos_id is not None:
+        return GGUFVocab(tokens, types, merges or [NEVER_MERGES], eos_id, notes)
     notes.append(f"appended {END_OF_TEXT} as token {len(tokens)}, with zero weights: llama.cpp needs an end-of-text "
                  "token that is not a real character; its logit is 0")
     return GGUFVocab([*tokens, END_OF_TEXT], [*types, CONTROL], merges or [NEVER_MERGES], len(tokens), notes)
@@ -99,12 +110,12 @@ def char_vocab(tokenizer: CharTokenizer) -> GGUFVocab:
             if merge not in seen:
                 seen.add(merge)
                 merges.append(merge)
-    return _with_end_of_text(tokens, merges, [])
+    return _with_end_of_text(tokens, merges, [], tokenizer.special_tokens)
 
 
-def byte_vocab() -> GGUFVocab:
+def byte_vocab(tokenizer: ByteTokenizer) -> GGUFVocab:
     """The 256 one-byte tokens, in byte order."""
-    return _with_end_of_text([_stand_in(bytes([b])) for b in range(256)], [], [])
+    return _with_end_of_text([_stand_in(bytes([b])) for b in range(256)], [], [], tokenizer.special_tokens)
 
 
 def bpe_vocab(tokenizer: BPETokenizer) -> GGUFVocab:
@@ -123,8 +134,8 @@ def bpe_vocab(tokenizer: BPETokenizer) -> GGUFVocab:
     added = {t.content: i for i, t in tokenizer.hf.get_added_tokens_decoder().items()}
     if END_OF_TEXT in added:
         types = [CONTROL if token in added else NORMAL for token in tokens]
-        return GGUFVocab(tokens, types, merges or [NEVER_MERGES], vocab[END_OF_TEXT])
-    return _with_end_of_text(tokens, merges, [])
+        return _with_end_of_text(tokens, merges, [], tokenizer.special_tokens, types, vocab[END_OF_TEXT])
+    return _with_end_of_text(tokens, merges, [], tokenizer.special_tokens)
 
 
 def gguf_vocab(tokenizer: Tokenizer) -> GGUFVocab:
@@ -132,7 +143,7 @@ def gguf_vocab(tokenizer: Tokenizer) -> GGUFVocab:
     if isinstance(tokenizer, CharTokenizer):
         return char_vocab(tokenizer)
     if isinstance(tokenizer, ByteTokenizer):
-        return byte_vocab()
+        return byte_vocab(tokenizer)
     if isinstance(tokenizer, BPETokenizer):
         return bpe_vocab(tokenizer)
     raise InteropError(f"cannot export a {getattr(tokenizer, 'kind', type(tokenizer).__name__)!r} tokenizer to GGUF")
@@ -225,6 +236,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer, path: Path, dtype: 
         writer.add_eos_token_id(vocab.eos_id)
         writer.add_add_bos_token(False)  # our models never saw a start token
         writer.add_add_eos_token(False)
+        if is_chat_tokenizer(tokenizer):
+            writer.add_chat_template(JINJA)  # llama.cpp's chat completion renders the messages as we do
         for tensor_name, array in gguf_tensors(model, len(vocab.tokens)).items():
             data, kind = _stored(array, dtype)
             writer.add_tensor(tensor_name, data, raw_dtype=kind)  # q8_0: bytes, whose shape gguf converts back
@@ -238,8 +251,9 @@ def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer, path: Path, dtype: 
     return vocab
 
 
-def modelfile_text(gguf_name: str, config: ModelConfig) -> str:
-    """An Ollama Modelfile for the exported file: the prompt is continued as it is, no chat template.
+def modelfile_text(gguf_name: str, config: ModelConfig, chat: bool = False) -> str:
+    """An Ollama Modelfile for the exported file: the prompt is continued as it is; for a chat model, the
+    messages rendered by our chat template (in Ollama's Go template language), the reply ending at <|end|>.
 
     GPT-2 has a learned position for each place in its context and none beyond, and llama.cpp
     stops with an assertion past the last one, so new tokens are capped at half the context.
@@ -248,7 +262,8 @@ def modelfile_text(gguf_name: str, config: ModelConfig) -> str:
         f"# Ollama: ollama create NAME -f THIS_FILE, then ollama run NAME (exported by scratchgpt {__version__})",
         f"# The prompt and the new tokens must fit in the {config.block_size}-token context: GPT-2 has no position beyond it.",
         f"FROM ./{gguf_name}",
-        'TEMPLATE """{{ .Prompt }}"""',
+        OLLAMA_CHAT_TEMPLATE if chat else 'TEMPLATE """{{ .Prompt }}"""',
+        *([f'PARAMETER stop "{END_OF_TURN}"'] if chat else []),
         f"PARAMETER num_ctx {config.block_size}",
         f"PARAMETER num_predict {max(1, config.block_size // 2)}",
         "PARAMETER temperature 0.8",
@@ -273,7 +288,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", ove
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer, config, _ = load_checkpoint(checkpoint)
     vocab = write_gguf(model, tokenizer, out, dtype, name=Path(str(checkpoint)).name)
-    modelfile.write_text(modelfile_text(out.name, config.model), encoding="utf-8")
+    modelfile.write_text(modelfile_text(out.name, config.model, chat=is_chat_tokenizer(tokenizer)), encoding="utf-8")
     notes = [*vocab.notes, f"llama.cpp runs at most {config.model.block_size} tokens (prompt and new ones together): "
                            "GPT-2 has a learned position for each place in its context and none beyond it, and llama.cpp "
                            "stops with an assertion error past the last one (scratchgpt sample slides its window instead)"]

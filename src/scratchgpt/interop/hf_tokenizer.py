@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..chat.template import CHAT_TOKENS, END, JINJA, is_chat_tokenizer
 from ..checkpoint import load_checkpoint
 from ..errors import InteropError, TokenizerError
-from ..tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
+from ..tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict, with_special_tokens
 
 # Defined here, not in hf.py: hf.py imports this module, so this module cannot import hf.py.
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator, its bos, eos and unk token
@@ -85,10 +86,34 @@ def write_hf_tokenizer(tokenizer: Tokenizer, out: Path, block_size: int) -> tupl
         hf_json = description["hf_tokenizer"]
     else:
         raise InteropError(f"a {kind!r} tokenizer has no Hugging Face form here yet")
+    if tokenizer.special_tokens:
+        hf_json = _with_special_tokens(hf_json, tokenizer)
     (out / "tokenizer.json").write_text(json.dumps(hf_json, ensure_ascii=False), encoding="utf-8")
     config, end_id = hf_tokenizer_config(hf_json, block_size)
+    if is_chat_tokenizer(tokenizer):  # apply_chat_template renders as chat/template.py does; a reply ends at <|end|>
+        end_id = tokenizer.special_id(END)
+        config.update(chat_template=JINJA, eos_token=END, pad_token=END)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return ["tokenizer.json", "tokenizer_config.json"], notes, end_id
+
+
+def _with_special_tokens(hf_json: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+    """The HF tokenizer with our special tokens added as its special tokens, at our ids."""
+    tokenizers = _require_tokenizers()
+    hf = tokenizers.Tokenizer.from_str(json.dumps(hf_json))
+    hf.add_special_tokens(list(tokenizer.special_tokens))
+    for name in tokenizer.special_tokens:
+        if hf.token_to_id(name) != tokenizer.special_id(name):
+            raise InteropError(f"the special token {name} would get id {hf.token_to_id(name)} in Hugging Face's "
+                               f"tokenizer, not our {tokenizer.special_id(name)}")
+    return json.loads(hf.to_str())
+
+
+def _split_special_tokens(hf_json: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """An HF tokenizer's description without the chat template's tokens, and those tokens (in id order)."""
+    added = hf_json.get("added_tokens") or []
+    ours = sorted((t for t in added if t.get("content") in CHAT_TOKENS), key=lambda t: t["id"])
+    return {**hf_json, "added_tokens": [t for t in added if t not in ours]}, [t["content"] for t in ours]
 
 
 def gpt2_tokenizer_from_files(vocab_path: Path, merges_path: Path):
@@ -108,12 +133,15 @@ def gpt2_tokenizer_from_files(vocab_path: Path, merges_path: Path):
 
 
 def tokenizer_from_hf_json(hf_json: dict[str, Any], where: Path) -> Tokenizer:
-    """Our tokenizer for an HF tokenizer.json: a character vocabulary comes back as one, others as BPE."""
+    """Our tokenizer for an HF tokenizer.json: a character vocabulary comes back as one, others as BPE; the chat
+    template's tokens (an export of a chat model) come back as our special tokens."""
+    hf_json, specials = _split_special_tokens(hf_json)
     char = char_tokenizer_from_hf(hf_json)
     if char is not None:
-        return char
+        return with_special_tokens(char, specials) if specials else char
     try:
-        return tokenizer_from_dict({"type": "bpe", "hf_tokenizer": hf_json})
+        bpe = tokenizer_from_dict({"type": "bpe", "hf_tokenizer": hf_json})
+        return with_special_tokens(bpe, specials) if specials else bpe
     except TokenizerError as exc:
         raise InteropError(f"cannot import the tokenizer in {where}: {exc}; "
                            "pass --tokenizer FILE with a scratchgpt tokenizer.json instead") from None

@@ -693,6 +693,7 @@ async def health(state: State) -> JSONResponse:
         "config": state.model_config,
         "parameters": count_parameters(state.model),
         "vocab_size": getattr(state.tokenizer, "vocab_size", None),
+        "chat": is_chat_tokenizer(state.tokenizer),  # whether /v1/chat/completions can answer
         "max_tokens_cap": state.max_tokens_cap,
         "active_requests": state.stats.active,
         "tokens_generated": state.stats.tokens_generated,
