@@ -428,4 +428,4 @@ def test_llama_cpps_chat_completion_on_the_gguf_gives_our_greedy_reply(tmp_path,
     messages = [{"role": "user", "content": "the cat"}]
     answer = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=8)
     assert answer["choices"][0]["message"]["content"] == greedy_replies(model, tok, [as_messages(messages)], 8)[0]
-    assert llm.tokenize("<|user|>".encode(), add_bos=False, special=True) == [tok.special_id("<|user|>")]
+    assert llm.tokenize(b"<|user|>", add_bos=False, special=True) == [tok.special_id("<|user|>")]

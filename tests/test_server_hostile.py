@@ -15,6 +15,7 @@ pytest.importorskip("fastapi")
 from serving import running_server  # noqa: E402
 from test_batching import TOKENIZER, make_model, prompt, settings  # noqa: E402
 
+from scratchgpt.chat.template import chat_tokenizer  # noqa: E402
 from scratchgpt.serving import scheduler as scheduler_module  # noqa: E402
 from scratchgpt.serving.scheduler import Scheduler  # noqa: E402
 from scratchgpt.serving.server import create_app  # noqa: E402
@@ -30,7 +31,7 @@ def served():
     from scratchgpt.build import build_model
     from scratchgpt.config import ModelConfig
 
-    tokenizer = ByteTokenizer()
+    tokenizer = chat_tokenizer(ByteTokenizer())  # a chat model: /v1/chat/completions is open to attack too
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     app = create_app(model.eval(), tokenizer, "tiny", api_key=KEY, max_body_bytes=2000)
@@ -83,6 +84,20 @@ def test_a_body_framed_two_ways_is_refused(served):
 def test_values_that_break_the_arithmetic_or_the_encoding_are_400s(served, field, body, words):
     url, _ = served
     response = httpx.post(f"{url}/v1/completions", content=body, headers=AUTH, timeout=30)
+    assert_api_error(response, 400, *words)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', ("messages[0].content", "lone surrogate")),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}', ("text content parts",)),
+    (b'{"messages": [{"role": "tool", "content": "x"}]}', ("role is 'tool'",)),
+    (b'{"messages": "hello"}', ("messages",)),
+    (b'{"messages": [{"role": "user", "content": "' + b"x" * 40 + b'"}]}', ("context",)),
+    (b'{"messages": [{"role": "user", "content": "ab"}], "max_completion_tokens": 99999}', ("max_tokens",)),
+])
+def test_chat_requests_that_cannot_be_answered_are_400s(served, body, words):
+    url, _ = served
+    response = httpx.post(f"{url}/v1/chat/completions", content=body, headers=AUTH, timeout=30)
     assert_api_error(response, 400, *words)
 
 
@@ -165,8 +180,9 @@ def fuzzed_app():
     from scratchgpt.config import ModelConfig
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=TOKENIZER.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    app = create_app(model.eval(), TOKENIZER, "tiny", max_tokens_cap=24, batching=None)
+    tokenizer = chat_tokenizer(TOKENIZER)  # both endpoints, /v1/chat/completions past its "not a chat model" door
+    model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    app = create_app(model.eval(), tokenizer, "tiny", max_tokens_cap=24, batching=None)
     # Each case runs the app's lifespan, whose shutdown closes the scheduler for good (tested in test_server_guard):
     # the fuzzed app keeps one scheduler for every case.
     app.router.lifespan_context = _no_lifespan

@@ -602,9 +602,15 @@ def _converse(model, tokenizer, opening, settings) -> None:
             print(f"scratchgpt chat: {exc}", file=sys.stderr)
             continue
         history.append(Message("user", line))
+        try:
+            steps = stream_reply(model, tokenizer, history, settings, trim=True)
+        except ScratchGPTError as exc:  # a message longer than the context: said, and the conversation goes on
+            print(f"scratchgpt chat: {exc}", file=sys.stderr)
+            history.pop()
+            continue
         sys.stdout.write("model> ")
         reply = []
-        for chunks in stream_reply(model, tokenizer, history, settings, trim=True):
+        for chunks in steps:
             for chunk in chunks:
                 reply.append(chunk.text)
                 sys.stdout.write(chunk.text)

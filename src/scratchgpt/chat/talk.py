@@ -25,13 +25,14 @@ def reply_settings(tokenizer: Tokenizer, settings: SamplingSettings) -> Sampling
 
 def prompt_ids(messages: Sequence[Message], tokenizer: Tokenizer, block_size: int, room: int,
                trim: bool = False) -> list[int]:
-    """The rendered conversation, asking for a reply, leaving `room` tokens of the context for it.
+    """The rendered conversation, asking for a reply, leaving `room` tokens of the context for it (or a quarter
+    of the context, if less: the reply then ends where the context does).
 
     Too long: with `trim`, the oldest turns after any system message are dropped until it fits
     (a terminal chat's history); without, ChatError (the server's 400).
     """
     messages = list(messages)
-    budget = block_size - min(room, block_size // 2)
+    budget = block_size - min(room, max(1, block_size // 4))  # at least a quarter of the context is kept for the reply
     ids = render(messages, tokenizer, add_generation_prompt=True).ids
     while trim and len(ids) > budget:
         first = 1 if messages and messages[0].role == "system" else 0
