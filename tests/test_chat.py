@@ -429,3 +429,69 @@ def test_llama_cpps_chat_completion_on_the_gguf_gives_our_greedy_reply(tmp_path,
     answer = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=8)
     assert answer["choices"][0]["message"]["content"] == greedy_replies(model, tok, [as_messages(messages)], 8)[0]
     assert llm.tokenize(b"<|user|>", add_bos=False, special=True) == [tok.special_id("<|user|>")]
+
+
+def test_a_lora_run_exports_merged_with_the_unmerged_logits(tmp_path, base_run, chats):
+    transformers = pytest.importorskip("transformers")
+    from scratchgpt.interop.hf import export_hf
+
+    out = tmp_path / "lora"
+    sft(_sft_config(base_run, chats, lora_rank=2, lora_alpha=4), out, progress=False, log=lambda line: None)
+    unmerged, _, _, _ = load_checkpoint(out / "last", merge_lora=False)
+    with torch.no_grad():  # a trained adapter's update is small: make it large, so that a wrong merge shows
+        for name in adapter_state(unmerged):
+            unmerged.get_parameter(name).normal_(0, 0.3)
+    from scratchgpt.checkpoint import save_checkpoint
+
+    _, tok, config, meta = load_checkpoint(out / "last", merge_lora=False)
+    save_checkpoint(out / "big", unmerged, tok, config, {"step": 1, "lora": meta["lora"]})
+    export_hf(out / "big", tmp_path / "hf")
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(tok.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(hf_model(x).logits, unmerged(x)[0], atol=1e-5)
+
+
+def test_train_init_from_with_lora_on_plain_text(tmp_path, base_run, small_corpus):
+    done = subprocess.run([sys.executable, "-m", "scratchgpt", "train", "--init-from", str(base_run), "--data", str(small_corpus),
+                           "--lora-rank", "2", "--max-steps", "4", "--eval-interval", "4", "--eval-iters", "1",
+                           "--sample-tokens", "0", "--dtype", "float32", "--device", "cpu", "--no-progress",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "trainable: LoRA rank 2" in done.stdout + done.stderr
+    meta = json.loads((tmp_path / "run" / "last" / "meta.json").read_text())
+    assert meta["lora"]["base_sha256"] and load_checkpoint(tmp_path / "run")[2].train.lora_rank == 2
+
+
+def test_ctrl_c_leaves_scratchgpt_chat_cleanly(chat_run):
+    import signal
+    import time
+
+    chat = subprocess.Popen([sys.executable, "-m", "scratchgpt", "chat", "--checkpoint", str(chat_run), "--device", "cpu"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        banner = ""
+        while "talking to" not in banner and time.monotonic() < deadline:
+            banner += chat.stderr.readline()
+        time.sleep(0.5)  # into input()
+        chat.send_signal(signal.SIGINT)
+        _, err = chat.communicate(timeout=30)
+    finally:
+        chat.kill()
+    assert chat.returncode == 0 and "Traceback" not in err
+
+
+def test_chat_completions_with_n_samples_each_get_a_message(chat_run):
+    from fastapi.testclient import TestClient
+
+    from scratchgpt.serving.server import BatchingLimits, create_app
+
+    model, tok, _, _ = load_checkpoint(chat_run)
+    with TestClient(create_app(model, tok, batching=BatchingLimits(own_process=False))) as client:
+        answer = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "the cat"}], "n": 3,
+                                                           "seed": 2, "max_tokens": 6, "stop": ["zz"]}).json()
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert all(c["message"]["role"] == "assistant" and c["finish_reason"] in ("stop", "length") for c in answer["choices"])
+    assert answer["usage"]["completion_tokens"] == sum(
+        len(tok.encode(c["message"]["content"])) + (c["finish_reason"] == "stop") for c in answer["choices"])
