@@ -161,6 +161,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 means greedy, always the most likely token (default {temperature})")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose probability adds up to p")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+
+
 def _add_sample_parser(commands) -> None:
     p = commands.add_parser("sample", help="generate text from a checkpoint", epilog=SAMPLE_EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -168,10 +176,7 @@ def _add_sample_parser(commands) -> None:
     p.add_argument("--checkpoint", required=True, help="a run directory (uses best/, else last/) or a checkpoint directory")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample, at least 1 (default 500)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (always the most likely token)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose probability adds up to p")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    _add_sampling_flags(p, temperature=1.0)
     p.add_argument("--num-samples", type=int, default=1, help="continuations decoded together in one batch (the first streams)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less likely")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -204,10 +209,7 @@ def _add_chat_parsers(commands) -> None:
     p.add_argument("--checkpoint", required=True, help="a fine-tuned run directory (uses best/, else last/) or checkpoint")
     p.add_argument("--system", default="", help="a system message that opens the conversation")
     p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply, in tokens (default 200; the context may allow fewer)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose probability adds up to p")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same replies")
+    _add_sampling_flags(p, temperature=0.8)
     _add_device_flags(p)
 
 
