@@ -122,3 +122,58 @@ def test_the_callers_thread_count_is_the_ceiling_and_survives(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_accelerator_that_computes_wrong_is_refused_by_name(monkeypatch):
+    from scratchgpt import device as device_module
+    from scratchgpt.build import build_model
+    from scratchgpt.config import ModelConfig
+    from scratchgpt.errors import ScratchGPTError
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    x, y = torch.randint(20, (2, 8)), torch.randint(20, (2, 8))
+    device_module.verify_device(model, x, y, torch.device("cpu"))  # a device that agrees passes
+    real = device_module._pass_on
+
+    def mps_off_by(factor):  # "mps" computed on the CPU, its loss off by `factor`: nothing here touches a real MPS
+        def pass_on(m, xb, yb, device):
+            loss, norm = real(m, xb, yb, torch.device("cpu"))
+            return (loss * factor, norm) if device.type == "mps" else (loss, norm)
+        return pass_on
+
+    monkeypatch.setattr(device_module, "_pass_on", mps_off_by(1.05))
+    with pytest.raises(ScratchGPTError, match=r"mps computes differently from the CPU.*--device cpu.*--trust-device"):
+        device_module.verify_device(model, x, y, torch.device("mps"))
+    monkeypatch.setattr(device_module, "_pass_on", mps_off_by(1.001))  # within the tolerance: kernels' rounding
+    device_module.verify_device(model, x, y, torch.device("mps"))
+    monkeypatch.setattr(device_module, "_pass_on", mps_off_by(float("nan")))
+    with pytest.raises(ScratchGPTError, match="mps computes differently"):
+        device_module.verify_device(model, x, y, torch.device("mps"))
+
+
+def test_training_on_an_accelerator_checks_it_first_unless_trusted(monkeypatch, tmp_path, small_corpus):
+    import importlib
+
+    from conftest import tiny_config
+
+    train_module = importlib.import_module("scratchgpt.train")
+    checked = []
+
+    class Checked(Exception):
+        pass
+
+    def record(model, x, y, device):
+        checked.append((tuple(x.shape), device))
+        raise Checked
+
+    monkeypatch.setattr(train_module, "verify_device", record)
+    monkeypatch.setattr(train_module, "setup", lambda device: (train_module.DistributedContext(), torch.device("mps")))
+    with pytest.raises(Checked):  # the check comes before the model moves to the device
+        train_module.train(tiny_config(small_corpus, max_steps=1), tmp_path / "a", progress=False, log=lambda line: None)
+    assert checked == [((4, 16), torch.device("mps"))]
+    checked.clear()
+    with pytest.raises(Exception) as trusted:  # no MPS here: the run fails when it moves the model, unchecked
+        train_module.train(tiny_config(small_corpus, max_steps=1, trust_device=True), tmp_path / "b", progress=False,
+                           log=lambda line: None)
+    assert checked == [] and not isinstance(trusted.value, Checked)

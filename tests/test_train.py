@@ -9,7 +9,7 @@ from conftest import tiny_config
 from scratchgpt.checkpoint import load_checkpoint, load_training_state
 from scratchgpt.config import ModelConfig, TrainConfig
 from scratchgpt.device import autocast_dtype
-from scratchgpt.errors import ConfigError
+from scratchgpt.errors import ConfigError, ScratchGPTError
 from scratchgpt.model import GPT
 from scratchgpt.optim import configure_optimizer
 from scratchgpt.train import TrainingDiverged, lr_at, train
@@ -368,3 +368,37 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(fd) or real(fd))
     files.atomic_write_bytes(tmp_path / "a.bin", b"payload")
     assert (tmp_path / "a.bin").read_bytes() == b"payload" and len(synced) == 2  # the file, then its directory
+
+
+def test_tensorboard_events_read_back_as_the_metrics_rows(tmp_path, small_corpus):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(small_corpus, max_steps=30, eval_interval=10, lr_decay_steps=30, sample_tokens=8, tensorboard=True)
+    train(config, tmp_path / "run", progress=False, log=lambda line: None)
+    config.train.max_steps = 40  # resumed: the events past step 30 would be dropped, and the new ones follow
+    train(config, tmp_path / "run", resume=True, progress=False, log=lambda line: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    for kind, name in (("train", "loss"), ("train", "lr"), ("train", "grad_norm"), ("eval", "val_loss"), ("eval", "train_loss")):
+        expected = [(r["step"], r[name]) for r in rows if r["kind"] == kind]
+        got = [(e.step, e.value) for e in events.Scalars(f"{kind}/{name}")]
+        assert [s for s, _ in got] == [s for s, _ in expected], name
+        assert all(math.isclose(g, e, rel_tol=1e-6) for (_, g), (_, e) in zip(got, expected, strict=True)), name
+    assert [e.step for e in events.Tensors("sample/text_summary")] == [10, 20, 30, 40]
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, small_corpus, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ScratchGPTError, match=r"pip install 'scratchgpt\[tensorboard\]'"):
+        train(tiny_config(small_corpus, max_steps=2, tensorboard=True), tmp_path / "run", progress=False, log=lambda line: None)

@@ -129,6 +129,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # autocast dtype: auto picks bfloat16 where the hardware has it
     compile: bool = False  # torch.compile the model
+    trust_device: bool = False  # skip the check that an accelerator computes what the CPU computes
     threads: int = 0  # CPU threads for PyTorch's kernels during the run; 0 keeps PyTorch's default (one per core)
     optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' matrices, AdamW for the rest
     muon_lr: float = 0.02  # Muon's learning rate at the top of the schedule (follows the same schedule)
@@ -136,6 +137,7 @@ class TrainConfig:
     # Fine-tuning: a checkpoint whose weights and tokenizer start this run. The model's shape
     # comes from it (only dropout and attention are taken from this config). "": from scratch.
     init_from: str = ""
+    tensorboard: bool = False  # also write the metrics and samples as TensorBoard events under RUN/tensorboard
     # LoRA (lora.py): freeze the init_from weights and train a rank-r update of the target layers. 0: off.
     lora_rank: int = 0
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
@@ -276,6 +278,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "muon_lr": "Muon's peak learning rate (follows the same schedule)",
         "muon_momentum": "Muon's Nesterov momentum",
         "init_from": 'checkpoint whose weights and tokenizer start this run (fine-tuning); "": from scratch',
+        "trust_device": "train on a GPU or MPS device even if its float32 pass over a fixed batch disagrees with the CPU's (checked before training)",
+        "tensorboard": "also write every metrics row (losses, learning rate, gradient norm, tokens/s) and the samples as TensorBoard events under RUN/tensorboard (needs the tensorboard extra)",
         "lora_rank": "LoRA: freeze the --init-from weights and train a rank-r update of the target layers; 0: off (train every weight)",
         "lora_alpha": "LoRA: the update is scaled by lora_alpha / lora_rank",
         "lora_targets": "LoRA: comma-separated names of the linear layers that get an update (c_attn, c_proj, c_fc)",

@@ -51,6 +51,7 @@ from .device import (
     governed,
     resolve_device,
     tick,
+    verify_device,
 )
 from .distributed import DistributedContext, all_sum, gather, setup, teardown
 from .errors import CheckpointError, ScratchGPTError
@@ -60,6 +61,7 @@ from .lora import add_lora, count_trainable, grow_vocab
 from .model import count_parameters
 from .optim import configure_optimizer, set_learning_rate
 from .plot import plot_run
+from .runlog import TensorBoardLog
 from .sample import generate
 from .tokenizer import Tokenizer
 
@@ -131,14 +133,17 @@ def _forward_backward(step_model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
 
 
 def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    grad_clip: float) -> None:
-    """Clip the global gradient norm, take the optimizer step, clear the gradients."""
+                    grad_clip: float) -> torch.Tensor | None:
+    """Clip the global gradient norm, take the optimizer step, clear the gradients; the norm before clipping
+    (a tensor, read only when logged), or None without clipping."""
+    norm = None
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +438,8 @@ class Run:
     tokens_seen: int = 0
     last_losses: dict[str, float] = field(default_factory=lambda: {"train": float("nan"), "val": float("nan")})
     lora_base: dict[str, Any] | None = None  # a LoRA run saves its adapter only, naming this base
+    tensorboard: TensorBoardLog | None = None  # --tensorboard: the rows as events too
+    grad_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping
 
     @property
     def main(self) -> bool:
@@ -462,6 +469,8 @@ class Run:
         if self.main:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.row(row)
 
 
 def _set_up(start: Start, out: Path, dist_ctx: DistributedContext, device: torch.device, progress: bool,
@@ -476,7 +485,11 @@ def _set_up(start: Start, out: Path, dist_ctx: DistributedContext, device: torch
     else:
         data = dataset_from_config(config.data, tokenizer=start.tokenizer, block_size=config.model.block_size,
                                    progress=progress and dist_ctx.is_main, log=say)
-    model = _model_to_train(start, data.tokenizer.vocab_size, config).to(device)
+    model = _model_to_train(start, data.tokenizer.vocab_size, config)
+    if device.type != "cpu" and not tcfg.trust_device:  # an accelerator proves itself before it trains
+        x, y = data.sampler("train", config.model.block_size, min(tcfg.batch_size, 4), seed=0, device=torch.device("cpu")).next_batch()
+        verify_device(model, x, y, device)
+    model = model.to(device)
     amp = autocast_dtype(tcfg.dtype, device)
     optimizer = configure_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -494,6 +507,8 @@ def _set_up(start: Start, out: Path, dist_ctx: DistributedContext, device: torch
         out.mkdir(parents=True, exist_ok=True)
         if start.train_state:
             _truncate_metrics(out / "metrics.jsonl", run.step)
+        if tcfg.tensorboard:
+            run.tensorboard = TensorBoardLog(out, purge_after=run.step if start.train_state else None)
     return run
 
 
@@ -570,7 +585,7 @@ def _take_step(run: Run, stop_flag: bool) -> tuple[float, float, bool]:
         last = run.out / "last"
         raise TrainingDiverged(f"the training loss became {loss} at step {run.step}; lower --lr or raise --warmup-steps. "
                                f"The last good checkpoint is {last}" + ("" if last.exists() else " (none saved yet)"))
-    apply_gradients(run.model, run.optimizer, run.scaler, tcfg.grad_clip)
+    run.grad_norm = apply_gradients(run.model, run.optimizer, run.scaler, tcfg.grad_clip)
     run.step += 1
     run.tokens_seen += run.tokens_per_step
     return loss, lr, stop_votes > 0
@@ -596,6 +611,8 @@ def _evaluate_and_save(run: Run, lr: float, finished: bool, should_stop: Callabl
     if sample_tokens and run.main:
         text = sample_text(run.model, run.data, sample_tokens, run.device)
         run.say(f"--- sample at step {run.step} ---\n{text}\n---")
+        if run.tensorboard is not None:
+            run.tensorboard.sample(run.step, text)
         with open(run.out / "samples.txt", "a", encoding="utf-8") as f:
             f.write(f"=== step {run.step} ===\n{text}\n\n")
     meta = {"train_loss": run.last_losses["train"], "val_loss": val}
@@ -630,7 +647,9 @@ def _train_loop(run: Run, stop: dict[str, bool]) -> bool:
                 now = time.perf_counter()
                 tokens_per_second = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
-                run.log_metrics({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "tokens_per_second": tokens_per_second})
+                norm = {"grad_norm": run.grad_norm.item()} if run.grad_norm is not None else {}
+                run.log_metrics({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "tokens_per_second": tokens_per_second,
+                                 **norm})
                 if run.step > start_step + 10:  # the first window holds the warm-up step
                     slowdown.observe(tokens_per_second)
                 bar.set_postfix(loss=f"{recent_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
@@ -704,9 +723,13 @@ def _train(start: Start, out: Path, dist_ctx: DistributedContext, device: torch.
     run = _set_up(start, out, dist_ctx, device, progress, say, t0)
     _announce(run, resumed=start.train_state is not None)
     _set_budget(run)
-    with _stop_on_signals() as stop:
-        interrupted = _train_loop(run, stop)
-        full = _finish(run, interrupted, stop)
+    try:
+        with _stop_on_signals() as stop:
+            interrupted = _train_loop(run, stop)
+            full = _finish(run, interrupted, stop)
+    finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
     total_seconds = run.clock.elapsed()
     return TrainResult(
         out_dir=str(out),
