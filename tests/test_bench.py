@@ -8,7 +8,6 @@ from conftest import TINY_MODEL_FLAGS, tiny_config
 
 from scratchgpt.cli import main
 from scratchgpt.config import config_from_preset
-from scratchgpt.device import cpu_supports_bf16
 from scratchgpt.optim import configure_optimizer
 from scratchgpt.speed.bench import baseline_config
 from scratchgpt.train import train
@@ -23,7 +22,8 @@ def test_bench_train_json_reports_both_paths_consistently(small_corpus, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     settings = report["settings"]
     assert settings["tokens_per_step"] == 4 * 16 and settings["threads"] == 1
-    assert settings["autocast"] == ("bfloat16" if cpu_supports_bf16() else "off")
+    # --dtype auto: what the probe chose (or float32 without native bf16), and the reason says which
+    assert settings["autocast"] == ("bfloat16" if settings["dtype_choice"].startswith("bfloat16:") else "off")
     assert settings["compile"] is False
     assert torch.get_num_threads() == threads_before  # the setting lasts for the benchmark only
     # The classic recipe runs PyTorch's default AdamW on a CPU (a loop over the tensors); the

@@ -709,6 +709,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"autocast {st['autocast']}, compile {st['compile']}) vs the plain fp32 eager path "
               f"{result['baseline_tokens_per_second']:,.0f} "
               f"tokens/s: {result['speedup']:.2f}x")
+        if st["dtype_choice"].startswith(("float32:", "bfloat16:")):
+            print(f"--dtype auto chose {st['dtype_choice']}")
     return 0
 
 

@@ -79,16 +79,8 @@ def verify_device(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: to
         "driver), or pass --trust-device to train on it anyway")
 
 
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 instructions (AVX-512 BF16 or AMX), so autocast pays."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this run, or None for plain float32."""
+    """The autocast dtype an explicit `dtype` names (or CUDA's choice for auto), or None for plain float32."""
     if dtype == "float32":
         return None
     if dtype == "bfloat16":
@@ -97,11 +89,9 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cpu":
             raise ScratchGPTError("--dtype float16 needs a GPU; on CPU use --dtype bfloat16 or float32")
         return torch.float16
-    # auto
+    # auto; on a CPU it is measured instead (speed/dtype.py: autocast_for), so here it means float32
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16
     return None
 
 

@@ -46,7 +46,6 @@ from .data import Dataset, dataset_from_config
 from .device import (
     CompiledOrEager,
     SlowdownWatch,
-    autocast_dtype,
     compile_model,
     governed,
     resolve_device,
@@ -63,6 +62,7 @@ from .optim import configure_optimizer, set_learning_rate
 from .plot import plot_run
 from .runlog import TensorBoardLog
 from .sample import generate
+from .speed.dtype import autocast_for
 from .tokenizer import Tokenizer
 
 
@@ -440,6 +440,7 @@ class Run:
     lora_base: dict[str, Any] | None = None  # a LoRA run saves its adapter only, naming this base
     tensorboard: TensorBoardLog | None = None  # --tensorboard: the rows as events too
     grad_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping
+    dtype_reason: str = ""  # why --dtype auto chose what it chose (speed/dtype.py)
 
     @property
     def main(self) -> bool:
@@ -490,14 +491,15 @@ def _set_up(start: Start, out: Path, dist_ctx: DistributedContext, device: torch
         x, y = data.sampler("train", config.model.block_size, min(tcfg.batch_size, 4), seed=0, device=torch.device("cpu")).next_batch()
         verify_device(model, x, y, device)
     model = model.to(device)
-    amp = autocast_dtype(tcfg.dtype, device)
+    amp, dtype_reason = autocast_for(tcfg.dtype, device, model, lambda: data.sampler(
+        "train", config.model.block_size, tcfg.batch_size, seed=0, device=device).next_batch())
     optimizer = configure_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     sampler = data.sampler("train", config.model.block_size, tcfg.batch_size, seed=tcfg.seed, device=device,
                            rank=dist_ctx.rank, world_size=dist_ctx.world_size)
     clock = Clock(t0, budget=tcfg.time_budget)
     run = Run(config, out, dist_ctx, device, amp, data, model, model, optimizer, scaler, sampler, clock, say, progress,
-              lora_base=start.lora_base)
+              lora_base=start.lora_base, dtype_reason=dtype_reason)
     if start.train_state:
         _restore(run, start)
     run.step_model = compile_model(model, device, say) if tcfg.compile else model
@@ -551,7 +553,9 @@ def _announce(run: Run, resumed: bool) -> None:
         f"device {run.device.type}"
         + (f" x {run.dist_ctx.world_size} processes" if run.dist_ctx.enabled else "")
         + (f", {threads} CPU thread{'s' if threads > 1 else ''}" if run.device.type == "cpu" else "")
-        + f", autocast {str(run.amp).replace('torch.', '') if run.amp else 'off'}, {run.tokens_per_step:,} tokens/step"
+        + f", autocast {str(run.amp).replace('torch.', '') if run.amp else 'off'}"
+        + (f" (--dtype auto chose {run.dtype_reason})" if run.dtype_reason else "")
+        + f", {run.tokens_per_step:,} tokens/step"
         + (f", resuming at step {run.step}" if resumed else "")
     )
 

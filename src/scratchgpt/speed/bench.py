@@ -24,9 +24,10 @@ from ..batches import BatchSampler
 from ..build import build_model
 from ..config import Config
 from ..data import dataset_from_config
-from ..device import autocast_dtype, compile_model, governed, resolve_device, threads_now
+from ..device import compile_model, governed, resolve_device, threads_now
 from ..optim import configure_optimizer
 from ..train import accumulate_gradients, apply_gradients
+from .dtype import autocast_for
 
 
 @dataclass
@@ -45,9 +46,10 @@ class _Runner:
         self.config.model.vocab_size = self.data.tokenizer.vocab_size
         self.model = build_model(self.config.model).to(self.device)
         self.optimizer = configure_optimizer(self.model, tcfg, self.device, fused=self.fused_adamw)
-        self.amp = autocast_dtype(tcfg.dtype, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.sampler = BatchSampler(self.data.train_ids, self.config.model.block_size, tcfg.batch_size, tcfg.seed, self.device)
+        probe_batch = BatchSampler(self.data.train_ids, self.config.model.block_size, tcfg.batch_size, 0, self.device).next_batch
+        self.amp, self.dtype_reason = autocast_for(tcfg.dtype, self.device, self.model, probe_batch)  # as `train` chooses
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.step_model = compile_model(self.model, self.device, lambda msg: print(msg, file=sys.stderr)) if tcfg.compile else self.model
         self.times: list[float] = []
 
@@ -112,6 +114,7 @@ def _bench_train(config: Config, steps: int, warmup: int, block: int) -> dict:
         "settings": {
             "device": device.type,
             "autocast": str(amp).replace("torch.", "") if amp else "off",
+            "dtype_choice": runners[0].dtype_reason or f"--dtype {config.train.dtype}",
             "compile": config.train.compile and getattr(runners[0].step_model, "compiled", None) is not None,
             "threads": torch.get_num_threads(),
             "batch_size": config.train.batch_size,
