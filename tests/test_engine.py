@@ -32,6 +32,7 @@ OPTIONS = {
     "rope-rmsnorm-qknorm-swiglu": dict(position="rope", norm="rmsnorm", qk_norm=True, activation="swiglu"),
     "relu2-manual-bias": dict(activation="relu2", attention="manual", bias=True),
     "rope-manual-gelu": dict(position="rope", attention="manual"),
+    "embed-norm-softcap": dict(position="rope", norm="rmsnorm", embed_norm=True, logit_softcap=15.0),
 }
 
 

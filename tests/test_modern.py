@@ -192,3 +192,38 @@ def test_muon_with_a_zero_learning_rate_trains_without_moving_a_weight(tmp_path,
     fresh = build_model(dataclasses.replace(model.config))
     assert result.steps == 5
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
+
+
+def test_zero_init_head_starts_at_the_uniform_loss_and_embed_norm_at_unit_rms():
+    import math
+
+    from scratchgpt.build import build_model
+    from scratchgpt.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=16, norm="rmsnorm",
+                                    tie_weights=False, zero_init_head=True, embed_norm=True))
+    x = torch.randint(30, (2, 8))
+    _, loss = model(x, x)
+    assert math.isclose(loss.item(), math.log(30), rel_tol=1e-6)
+    embedded = model.embed(x, None)
+    assert torch.allclose(embedded.pow(2).mean(-1), torch.ones(2, 8), atol=1e-3)  # up to rms_norm's eps
+
+
+def test_the_logit_softcap_bounds_the_logits_and_keeps_small_ones():
+    from scratchgpt.build import build_model
+    from scratchgpt.config import ModelConfig
+
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=16, norm="rmsnorm"))
+    capped = build_model(ModelConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=16, norm="rmsnorm",
+                                     logit_softcap=2.0))
+    capped.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        plain.lm_head.weight.mul_(100)
+        capped.lm_head.weight.mul_(100)
+    x = torch.randint(30, (2, 8))
+    raw, _ = plain(x)
+    soft, _ = capped(x)
+    assert raw.abs().max() > 10 and soft.abs().max() <= 2  # tanh reaches the cap itself only by rounding
+    assert torch.allclose(soft, 2.0 * torch.tanh(raw / 2.0), atol=1e-5)

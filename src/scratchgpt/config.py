@@ -60,6 +60,9 @@ class ModelConfig:
     # "relu2" (squared ReLU) or "swiglu"
     activation: str = "gelu"
     zero_init_proj: bool = False  # start every residual branch's output projection at zero
+    zero_init_head: bool = False  # start the LM head at zero: every first prediction is uniform
+    embed_norm: bool = False  # RMS-normalise the token embedding before the first block
+    logit_softcap: float = 0.0  # squash logits into (-cap, cap) with cap * tanh(logits / cap); 0: off
 
     def __post_init__(self) -> None:
         _require(self.model_type in MODEL_TYPES, f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
@@ -82,6 +85,7 @@ class ModelConfig:
         _require(self.position != "rope" or self.head_size % 2 == 0,
                  f"rope needs an even head size, but n_embd / n_head = {self.n_embd / self.n_head:g}")
         _require(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
+        _require(self.logit_softcap >= 0, f"logit_softcap must be >= 0 (0 turns it off), got {self.logit_softcap}")
 
     @property
     def head_size(self) -> int:
@@ -95,7 +99,8 @@ class ModelConfig:
         """The options set away from GPT-2's, which the modern model (modern.py) builds."""
         return [name for name, used in (("rmsnorm", self.norm != "layernorm"), ("rope", self.position != "learned"),
                                         ("qk_norm", self.qk_norm), (self.activation, self.activation in ("relu2", "swiglu")),
-                                        ("zero_init_proj", self.zero_init_proj)) if used]
+                                        ("zero_init_proj", self.zero_init_proj), ("zero_init_head", self.zero_init_head),
+                                        ("embed_norm", self.embed_norm), ("logit_softcap", self.logit_softcap > 0)) if used]
 
 
 # What a checkpoint's weights leave free when a run resumes or fine-tunes from it: the rest is its shape.
@@ -248,6 +253,9 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "qk_norm": "RMS-normalise queries and keys per head before attention",
         "activation": 'MLP nonlinearity: "gelu", "gelu_tanh" (GPT-2\'s), "relu2" or "swiglu"',
         "zero_init_proj": "start every residual branch's output projection at zero",
+        "zero_init_head": "start the LM head at zero, so that every first prediction is uniform (modded-nanogpt)",
+        "embed_norm": "RMS-normalise the token embedding before the first block (modded-nanogpt)",
+        "logit_softcap": "squash the logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); 0: off",
     },
     "train": {
         "batch_size": "training windows per step (per process)",

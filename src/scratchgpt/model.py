@@ -168,6 +168,10 @@ class GPT(nn.Module):
         positions = cache.positions if cache is not None else torch.arange(idx.size(1), device=idx.device)  # (T,), or per row
         return self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C), or (B or 1, T, C)
 
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The next-token logits from the final hidden states: (B, T, C) -> (B, T, V)."""
+        return self.lm_head(x)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for tokens idx (B, T), and the loss if targets are given.
@@ -182,7 +186,7 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
+        logits = self.output(x)  # (B, T, C) -> (B, T, V)
         return logits, lm_loss(logits, targets)
 
 

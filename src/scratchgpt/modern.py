@@ -1,5 +1,5 @@
-"""The speedrun's parts, swapped into the classic GPT (model.py): RoPE, RMSNorm, QK-norm, ReLU^2, SwiGLU
-and zero-initialised projections. Each is a `ModelConfig` option; build.py picks `ModernGPT`
+"""The speedrun's parts, swapped into the classic GPT (model.py): RoPE, RMSNorm, QK-norm, ReLU^2, SwiGLU,
+zero-initialised projections and head, a normalised embedding and soft-capped logits. Each is a `ModelConfig` option; build.py picks `ModernGPT`
 when a config asks for any of them. The module and parameter names stay GPT-2's, so a
 checkpoint's weights load whichever class built them.
 """
@@ -121,13 +121,23 @@ class ModernGPT(GPT):
 
     def init_weights(self) -> None:
         if not self.config.zero_init_proj:
-            return super().init_weights()
-        self.apply(_init_linear_and_embedding)
-        for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # each block starts as the identity; training grows it
-                nn.init.zeros_(param)
+            super().init_weights()
+        else:
+            self.apply(_init_linear_and_embedding)
+            for name, param in self.named_parameters():
+                if name.endswith("c_proj.weight"):  # each block starts as the identity; training grows it
+                    nn.init.zeros_(param)
+        if self.config.zero_init_head and not self.config.tie_weights:  # uniform first predictions: loss ln(V)
+            nn.init.zeros_(self.lm_head.weight)
 
     def embed(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         if "wpe" in self.transformer:
-            return super().embed(idx, cache)
-        return self.transformer.wte(idx)  # (B, T) -> (B, T, C); RoPE adds the positions in attention
+            x = super().embed(idx, cache)
+        else:
+            x = self.transformer.wte(idx)  # (B, T) -> (B, T, C); RoPE adds the positions in attention
+        return F.rms_norm(x, (x.size(-1),)) if self.config.embed_norm else x  # unit RMS, no weights
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits  # smooth, into (-cap, cap)
