@@ -20,15 +20,15 @@ def train_tiny_checkpoint(corpus: Path, out: Path) -> Path:
 
 
 @contextmanager
-def running_server(app):
-    """Serve `app` with uvicorn on a free local port; yields the base URL."""
+def running_server(app, **config):
+    """Serve `app` with uvicorn on a free local port (`config`: more uvicorn.Config settings); yields the base URL."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

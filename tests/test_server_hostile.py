@@ -206,3 +206,34 @@ def test_no_request_the_schema_allows_gets_a_5xx_or_leaves_the_schema(case):
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     case.call_and_validate(excluded_checks=[positive_data_acceptance])
+
+
+def test_a_client_whose_headers_dawdle_is_closed_and_the_others_are_served():
+    import torch
+
+    from scratchgpt.build import build_model
+    from scratchgpt.config import ModelConfig
+    from scratchgpt.serving.protocol import with_header_timeout
+
+    torch.manual_seed(0)
+    tokenizer = ByteTokenizer()
+    model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    with running_server(create_app(model.eval(), tokenizer, "tiny"), http=with_header_timeout(0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\nHo")  # and nothing more: the rest of the headers never come
+            started = time.monotonic()
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # meanwhile, others are served
+            assert slow.recv(1024) == b""  # closed, without an answer
+            assert time.monotonic() - started < 5
+        with socket.create_connection((host, int(port)), timeout=10) as keep:  # a second, slow request on one connection
+            keep.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = keep.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200")
+            keep.sendall(b"GET /health HTTP/1.1\r\n")  # its headers never finish
+            time.sleep(1.5)
+            rest = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := keep.recv(65536):
+                    rest += chunk
+            assert b"HTTP/1.1" not in rest  # closed with no second answer

@@ -359,6 +359,9 @@ def _add_serve_parser(commands) -> None:
     p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM); needs --ssl-certfile")
     p.add_argument("--max-connections", type=int, default=256,
                    help="connections served at once; beyond them new ones get a 503 (default 256)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="close a connection whose request line and headers take longer than this many seconds to arrive "
+                        "(a slow-header client cannot hold a connection for longer; default 10)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000,
                    help="refuse a request body larger than this with a 413 (default 1000000)")
     p.add_argument("--max-prompt-tokens", type=int, default=8192,
@@ -760,12 +763,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value < least:
             raise ScratchGPTError(f"{flag} must be >= {least}, got {value}")
     tls = _tls_files(args.ssl_certfile, args.ssl_keyfile)
+    if not 0 < args.header_timeout < math.inf:
+        raise ScratchGPTError(f"--header-timeout must be a number of seconds > 0, got {args.header_timeout}")
     if not 0 < args.request_timeout < math.inf:
         raise ScratchGPTError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
     batching = BatchingLimits(args.slots, args.max_waiting, args.request_timeout, own_process=not args.in_process)
     serve(args.checkpoint, args.host, args.port, args.max_tokens_cap, args.device, api_key=keys,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, drain_seconds=args.drain_seconds,
-          batching=batching, allowed_origins=args.allowed_origins, tls=tls, max_connections=args.max_connections)
+          batching=batching, allowed_origins=args.allowed_origins, tls=tls, max_connections=args.max_connections,
+          header_timeout=args.header_timeout)
     return 0
 
 

@@ -63,6 +63,7 @@ from ..inference.engine import SamplingError, SamplingSettings
 from ..inference.text import CompletionChunk, TokenDetail
 from ..model import count_parameters
 from .metrics import ServerMetrics
+from .protocol import DEFAULT_HEADER_TIMEOUT, with_header_timeout
 from .scheduler import (
     DEFAULT_MAX_WAITING,
     DEFAULT_REQUEST_TIMEOUT,
@@ -828,7 +829,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
           device: str = "auto", *, api_key: str | Sequence[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, drain_seconds: float = DEFAULT_DRAIN_SECONDS,
           batching: BatchingLimits | None = None, allowed_origins: Sequence[str] = (),
-          tls: tuple[str, str] | None = None, max_connections: int | None = DEFAULT_MAX_CONNECTIONS) -> None:
+          tls: tuple[str, str] | None = None, max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
+          header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> None:
     """Load a checkpoint and serve it with uvicorn until interrupted.
 
     On SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets the running requests finish for up to
@@ -855,7 +857,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     certfile, keyfile = tls or (None, None)  # HTTPS with this certificate and key
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=drain_seconds, limit_concurrency=max_connections,
-                                           ssl_certfile=certfile, ssl_keyfile=keyfile))
+                                           ssl_certfile=certfile, ssl_keyfile=keyfile,
+                                           http=with_header_timeout(header_timeout)))  # slow headers: closed
     # uvicorn catches SIGTERM while it runs, drains, then raises the signal again once it has put back the handler
     # it found: this one, so that a drained server exits with status 0 instead of dying of the signal.
     on_main_thread = threading.current_thread() is threading.main_thread()
