@@ -18,7 +18,7 @@ the same clients beside `--attackers` copies of each attack below, each in a loo
 
 Printed: the normal clients' tokens/s alone and attacked (the target: attacked >= 80% of alone),
 /health's latency in both phases (target: under 1 s), the server's resident memory at the start and
-end of each phase (target: flat), and each attack's answers by status (target: no 5xx).
+at each quarter of each phase (target: flat), and each attack's answers by status (target: no 5xx).
 """
 
 from __future__ import annotations
@@ -135,8 +135,10 @@ async def phase(server: ServerProcess, port: int, args: argparse.Namespace, atta
                       for name, attempt in attacks(port).items() for _ in range(args.attackers)]
         try:
             await asyncio.sleep(args.warmup_seconds)
-            start = time.perf_counter()
-            await asyncio.sleep(args.seconds)
+            start, quarters = time.perf_counter(), []
+            for _ in range(4):  # the server's memory at each quarter of the window: flat, or growing?
+                await asyncio.sleep(args.seconds / 4)
+                quarters.append(round(server.rss_bytes() / 2**20, 1))
             end = time.perf_counter()
         finally:
             for task in tasks:
@@ -144,7 +146,7 @@ async def phase(server: ServerProcess, port: int, args: argparse.Namespace, atta
             await asyncio.gather(*tasks, return_exceptions=True)
     return {"attacked": attacked, **interval_figures(records, start, end), **failures(records),
             "health_ms_p50": round(1000 * statistics.median(latencies), 1), "health_ms_max": round(1000 * max(latencies), 1),
-            "rss_mb_start": round(rss_start / 2**20, 1), "rss_mb_end": round(server.rss_bytes() / 2**20, 1),
+            "rss_mb_start": round(rss_start / 2**20, 1), "rss_mb_quarters": quarters,
             "attacks": {name: dict(counts) for name, counts in outcomes.items()} if attacked else {}}
 
 

@@ -495,3 +495,19 @@ def test_chat_completions_with_n_samples_each_get_a_message(chat_run):
     assert all(c["message"]["role"] == "assistant" and c["finish_reason"] in ("stop", "length") for c in answer["choices"])
     assert answer["usage"]["completion_tokens"] == sum(
         len(tok.encode(c["message"]["content"])) + (c["finish_reason"] == "stop") for c in answer["choices"])
+
+
+def test_eval_of_a_chat_model_scores_its_held_out_replies(chat_run):
+    done = subprocess.run([sys.executable, "-m", "scratchgpt", "eval", "--checkpoint", str(chat_run), "--json", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    from scratchgpt.chat.data import chat_data_from_config
+
+    model, tok, config, _ = load_checkpoint(chat_run)
+    chats = chat_data_from_config(config.data, tok, config.model.block_size, log=lambda m: None)
+    expected = chats.evaluate(model, torch.device("cpu"))
+    assert result["val_loss"] == pytest.approx(expected.val_loss, rel=1e-6) and "validation conversations" in done.stderr
+    # the bits are spread over the replies' characters, and an <|end|> carries none
+    replies = [m.content for line in _conversations() for m in as_messages(line["messages"]) if m.role == "assistant"]
+    assert result["val_chars"] == sum(len(r) for r in replies[-len(chats.val):])

@@ -537,6 +537,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from .chat.sft import check_out, sft, sft_config
+    from .distributed import launched_as_main
     from .train import resume_config
 
     overrides = _overrides(args)
@@ -556,6 +557,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
         check_out(args.checkpoint, out)
         _prepare_out_dir(out, args.overwrite)
     result = sft(config, out, resume=bool(args.resume), progress=not args.no_progress, started_at=_process_start())
+    if not launched_as_main():  # under torchrun, rank 0 alone reports
+        return 130 if result.train.interrupted else 0
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -674,7 +677,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ScratchGPTError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
     model, tokenizer, config, _ = load_checkpoint(args.checkpoint, device)
-    if args.data is None and config.data.path is not None:  # the checkpoint names its training text: say so
+    if args.data is None and config.data.path:  # the checkpoint names its training text: say so
         if not Path(config.data.path).exists():
             raise ScratchGPTError(f"the checkpoint was trained on {config.data.path}, which is not here; pass --data PATH "
                                   "with the text to evaluate on")
@@ -683,15 +686,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_config = dataclasses.replace(config.data, path=args.data or config.data.path,
                                       encoding=args.encoding or config.data.encoding,
                                       skip_bad_files=args.skip_bad_files or config.data.skip_bad_files)
-    data = dataset_from_config(data_config, tokenizer=tokenizer, block_size=1)
-    result = evaluate_split(model, data.val_ids, data.val_target_chars, batch_size=args.batch_size, device=device,
-                            n_bytes=data.val_target_bytes, progress=not args.json)  # a bar once it lasts 2 s
+    if config.data.chat:  # a fine-tuned chat model: the loss on its held-out conversations' replies
+        from .chat.data import chat_data_from_config
+
+        chats = chat_data_from_config(data_config, tokenizer, config.model.block_size, log=_note)
+        _note(f"evaluating on the {len(chats.val):,} validation conversations of {chats.source}: the loss on the replies")
+        result, source = chats.evaluate(model, device, batch_size=args.batch_size, progress=not args.json), "the replies"
+    else:
+        data = dataset_from_config(data_config, tokenizer=tokenizer, block_size=1)
+        result = evaluate_split(model, data.val_ids, data.val_target_chars, batch_size=args.batch_size, device=device,
+                                n_bytes=data.val_target_bytes, progress=not args.json)  # a bar once it lasts 2 s
+        source = data.source
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print(f"val loss {result.val_loss:.4f} per token | perplexity {result.val_perplexity:.3f} | "
               f"{result.val_bpc:.4f} bits/char | {result.val_bpb:.4f} bits/byte | {result.val_tokens:,} {tokenizer.kind} "
-              f"tokens, {result.val_chars:,} characters of {data.source}")
+              f"tokens, {result.val_chars:,} characters of {source}")
     return 0
 
 

@@ -93,7 +93,7 @@ class ChatData:
     def _val_targets(self) -> tuple[int, int, int]:
         """(tokens, characters, bytes) the validation loss is taken over: the masked-in targets."""
         ids = [i for r in self.val for i, learn in zip(r.ids[1:], r.mask[1:], strict=True) if learn]
-        text = self.tokenizer.decode(ids)
+        text = self.tokenizer.decode([i for i in ids if i < self.tokenizer.base_vocab_size])  # <|end|> is no text
         return len(ids), len(text), len(text.encode("utf-8"))
 
     def bits_per_char(self, loss_per_token: float) -> float:

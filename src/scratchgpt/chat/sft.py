@@ -20,6 +20,7 @@ from typing import Any
 
 from ..checkpoint import load_checkpoint, read_config, resolve_checkpoint
 from ..config import Config
+from ..distributed import launched_as_main
 from ..errors import ScratchGPTError
 from ..train import TrainResult, train
 from .data import chat_data_from_config
@@ -62,7 +63,7 @@ def sft(config: Config, out_dir: str | Path, resume: bool = False, progress: boo
     """Fine-tune `config.train.init_from` on conversations into `out_dir`; then score the held-out tasks."""
     say = log or print
     result = train(config, out_dir, resume=resume, progress=progress, log=log, started_at=started_at)
-    if result.interrupted:
+    if result.interrupted or not launched_as_main():  # under torchrun, rank 0 alone scores and writes
         return SFTResult(result)
     model, tokenizer, saved, _ = load_checkpoint(Path(out_dir) / "last")
     held_out = chat_data_from_config(saved.data, tokenizer, saved.model.block_size, log=lambda m: None).held_out
