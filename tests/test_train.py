@@ -401,3 +401,17 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, small_cor
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(ScratchGPTError, match=r"pip install 'scratchgpt\[tensorboard\]'"):
         train(tiny_config(small_corpus, max_steps=2, tensorboard=True), tmp_path / "run", progress=False, log=lambda line: None)
+
+
+def test_muon_momentum_warms_up_linearly_on_muons_groups_only():
+    from scratchgpt.optim import muon_momentum_at, set_muon_momentum
+
+    cfg = TrainConfig(optimizer="muon", muon_momentum=0.95, muon_momentum_warmup=100)
+    assert [round(muon_momentum_at(s, cfg), 4) for s in (0, 50, 100, 500)] == [0.85, 0.9, 0.95, 0.95]
+    assert muon_momentum_at(0, TrainConfig(optimizer="muon")) == 0.95  # no warm-up: constant
+    model = GPT(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    opt = configure_optimizer(model, cfg, torch.device("cpu"))
+    set_muon_momentum(opt, 0.87)
+    muon = [g for g in opt.param_groups if "ns_steps" in g]
+    assert muon and all(g["momentum"] == 0.87 for g in muon)
+    assert all("momentum" not in g for g in opt.param_groups if "ns_steps" not in g)  # AdamW's groups untouched

@@ -139,6 +139,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' matrices, AdamW for the rest
     muon_lr: float = 0.02  # Muon's learning rate at the top of the schedule (follows the same schedule)
     muon_momentum: float = 0.95
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum; 0: none
     # Fine-tuning: a checkpoint whose weights and tokenizer start this run. The model's shape
     # comes from it (only dropout and attention are taken from this config). "": from scratch.
     init_from: str = ""
@@ -151,7 +152,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "lr_decay_steps", "sample_tokens", "save_every", "keep_checkpoints", "threads"):
+        for name in ("max_steps", "warmup_steps", "lr_decay_steps", "sample_tokens", "save_every", "keep_checkpoints", "threads",
+                     "muon_momentum_warmup"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "min_lr"):
             value = getattr(self, name)
@@ -285,6 +287,7 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "optimizer": '"adamw", or "muon" (Muon for the blocks\' matrices, AdamW for the rest)',
         "muon_lr": "Muon's peak learning rate (follows the same schedule)",
         "muon_momentum": "Muon's Nesterov momentum",
+        "muon_momentum_warmup": "steps over which Muon's momentum rises linearly from 0.85 to muon_momentum (modded-nanogpt); 0: constant",
         "init_from": 'checkpoint whose weights and tokenizer start this run (fine-tuning); "": from scratch',
         "trust_device": "train on a GPU or MPS device even if its float32 pass over a fixed batch disagrees with the CPU's (checked before training)",
         "tensorboard": "also write every metrics row (losses, learning rate, gradient norm, tokens/s) and the samples as TensorBoard events under RUN/tensorboard (needs the tensorboard extra)",

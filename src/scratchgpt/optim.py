@@ -151,6 +151,25 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     return MultiOptimizer(adamw, muon)
 
 
+MUON_MOMENTUM_START = 0.85  # where a momentum warm-up starts (modded-nanogpt: 0.85 to 0.95 over 300 steps)
+
+
+def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
+    """Muon's momentum at `step`: rising linearly from MUON_MOMENTUM_START to `muon_momentum` over the first
+    `muon_momentum_warmup` steps (a short memory while the gradients change fast), then constant."""
+    if not cfg.muon_momentum_warmup:
+        return cfg.muon_momentum
+    done = min(1.0, step / cfg.muon_momentum_warmup)
+    return MUON_MOMENTUM_START + done * (cfg.muon_momentum - MUON_MOMENTUM_START)
+
+
+def set_muon_momentum(optimizer, momentum: float) -> None:
+    """Set this step's momentum on Muon's groups (AdamW's betas stay as they are)."""
+    for group in optimizer.param_groups:
+        if "ns_steps" in group:  # a Muon group
+            group["momentum"] = momentum
+
+
 def set_learning_rate(optimizer, lr: float) -> None:
     """Set this step's scheduled rate on every group, scaled by the group's `lr_scale`."""
     for group in optimizer.param_groups:

@@ -58,7 +58,7 @@ from .evaluate import EvalResult, EvaluationStopped, progress_bar
 from .files import atomic_write_bytes, sha256_of
 from .lora import add_lora, count_trainable, grow_vocab
 from .model import count_parameters
-from .optim import configure_optimizer, set_learning_rate
+from .optim import configure_optimizer, muon_momentum_at, set_learning_rate, set_muon_momentum
 from .plot import plot_run
 from .runlog import TensorBoardLog
 from .sample import generate
@@ -580,6 +580,8 @@ def _take_step(run: Run, stop_flag: bool) -> tuple[float, float, bool]:
     tcfg = run.config.train
     lr = lr_at(run.step, tcfg, run.clock.progress())
     set_learning_rate(run.optimizer, lr)
+    if tcfg.muon_momentum_warmup:
+        set_muon_momentum(run.optimizer, muon_momentum_at(run.step, tcfg))
     loss = accumulate_gradients(run.step_model, run.sampler, run.scaler, tcfg.grad_accum_steps, run.amp, run.device,
                                 ddp=run.dist_ctx.enabled)
     # One small collective per step: the mean loss over processes, and whether any was told to stop.
