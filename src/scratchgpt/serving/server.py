@@ -836,8 +836,6 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     On SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets the running requests finish for up to
     `drain_seconds` (then cuts them), calls ServerState.close, and this function returns.
     """
-    import uvicorn
-
     from ..checkpoint import load_checkpoint, resolve_checkpoint
     from ..device import resolve_device
 
@@ -854,6 +852,15 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_tokens
     scheme = "https" if tls else "http"
     print(f"serving {name} on {scheme}://{host}:{port}/ (playground), OpenAI-compatible API at {scheme}://{host}:{port}/v1",
           flush=True)
+    _run_uvicorn(app, host, port, drain_seconds, tls, max_connections, header_timeout)
+
+
+def _run_uvicorn(app: FastAPI, host: str, port: int, drain_seconds: float, tls: tuple[str, str] | None,
+                 max_connections: int | None, header_timeout: float) -> None:
+    """Run uvicorn over `app` until a signal drains it or the engine dies; a start that failed, or a dead
+    engine, is a ScratchGPTError (so the command exits non-zero)."""
+    import uvicorn
+
     certfile, keyfile = tls or (None, None)  # HTTPS with this certificate and key
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=drain_seconds, limit_concurrency=max_connections,
