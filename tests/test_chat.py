@@ -511,3 +511,10 @@ def test_eval_of_a_chat_model_scores_its_held_out_replies(chat_run):
     # the bits are spread over the replies' characters, and an <|end|> carries none
     replies = [m.content for line in _conversations() for m in as_messages(line["messages"]) if m.role == "assistant"]
     assert result["val_chars"] == sum(len(r) for r in replies[-len(chats.val):])
+
+
+def test_a_missing_conversation_file_is_named_as_jsonl(tmp_path):
+    from scratchgpt.chat.conversations import read_conversations
+
+    with pytest.raises(DataError, match=r"conversation file .*missing.jsonl does not exist; pass --data a .jsonl file"):
+        read_conversations(str(tmp_path / "missing.jsonl"))

@@ -20,6 +20,9 @@ from .template import ChatError, Message, as_messages
 
 def read_conversations(spec: str) -> list[list[Message]]:
     """Every conversation in the JSONL file(s) `spec` names, in file and line order."""
+    if not Path(spec).expanduser().exists() and not any(ch in spec for ch in "*?["):
+        raise DataError(f"conversation file {spec} does not exist; pass --data a .jsonl file (one {{\"messages\": [...]}} "
+                        "per line), a folder of them, or a glob")
     files, where = find_corpus_files(spec)
     if Path(spec).expanduser().is_dir():
         files = [f for f in files if f.suffix.lower() == ".jsonl"]

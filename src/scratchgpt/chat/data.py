@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -90,18 +91,19 @@ class ChatData:
         """Random batches of whole conversations from one split (each already fits `block_size`)."""
         return ConversationSampler(self.train if split == "train" else self.val, batch_size, seed, device, rank, world_size)
 
+    @cached_property
     def _val_targets(self) -> tuple[int, int, int]:
-        """(tokens, characters, bytes) the validation loss is taken over: the masked-in targets."""
+        """(tokens, characters, bytes) the validation loss is taken over: the masked-in targets (counted once)."""
         ids = [i for r in self.val for i, learn in zip(r.ids[1:], r.mask[1:], strict=True) if learn]
         text = self.tokenizer.decode([i for i in ids if i < self.tokenizer.base_vocab_size])  # <|end|> is no text
         return len(ids), len(text), len(text.encode("utf-8"))
 
     def bits_per_char(self, loss_per_token: float) -> float:
-        tokens, chars, _ = self._val_targets()
+        tokens, chars, _ = self._val_targets
         return bits_per_character(loss_per_token, tokens, chars)
 
     def bits_per_byte(self, loss_per_token: float) -> float:
-        tokens, _, n_bytes = self._val_targets()
+        tokens, _, n_bytes = self._val_targets
         return bits_per_character(loss_per_token, tokens, n_bytes)
 
     def sample_prompt(self) -> list[int]:
@@ -128,7 +130,7 @@ class ChatData:
                     bar.update(1)
         finally:
             model.train(was_training)
-        tokens, chars, n_bytes = self._val_targets()
+        tokens, chars, n_bytes = self._val_targets
         loss = total / tokens
         return EvalResult(loss, math.exp(loss), bits_per_character(loss, tokens, chars), tokens,
                           bits_per_character(loss, tokens, n_bytes), chars, n_bytes)

@@ -431,21 +431,28 @@ def _check_limits(body: CompletionRequest, state: ServerState) -> list[str]:
     return stop
 
 
-def settings_for(body: CompletionRequest, state: ServerState,
-                 prompt_ids: list[int] | None = None) -> tuple[str, list[int], SamplingSettings]:
-    """Check the request and turn it into the prompt, its ids (encoded once, here, unless given) and the engine's
-    settings, or raise BadRequest."""
-    prompt = _prompt_of(body)
+def _settings(body: CompletionRequest, state: ServerState) -> SamplingSettings:
+    """The engine's settings for a request's sampling fields, checked against this server's limits and the engine's
+    own ranges, or BadRequest (completions and chat completions alike)."""
     stop = _check_limits(body, state)
     settings = SamplingSettings(
         max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k or None, top_p=body.top_p,
         repetition_penalty=body.repetition_penalty, stop=stop, num_samples=body.n, seed=body.seed, logprobs=body.logprobs,
     )
-    try:  # the engine's own checks, and the tokenizer's, before any decoding starts
+    try:
         settings.validate(REQUEST_NAMES)
-        prompt_ids = state.tokenizer.encode(prompt) if prompt_ids is None else prompt_ids
     except SamplingError as exc:
         raise BadRequest(str(exc), exc.param) from None
+    return settings
+
+
+def settings_for(body: CompletionRequest, state: ServerState) -> tuple[str, list[int], SamplingSettings]:
+    """Check the request and turn it into the prompt, its ids (encoded once, here) and the engine's settings,
+    or raise BadRequest."""
+    prompt = _prompt_of(body)
+    settings = _settings(body, state)
+    try:  # the tokenizer's check, before any decoding starts
+        prompt_ids = state.tokenizer.encode(prompt)
     except TokenizerError as exc:
         raise BadRequest(f"prompt: {exc}", "prompt") from None
     if len(prompt_ids) > state.max_prompt_tokens:
@@ -459,13 +466,7 @@ def _chat_messages(body: ChatRequest, state: ServerState) -> list[Message]:
     if not is_chat_tokenizer(state.tokenizer):
         raise BadRequest("this model is not a chat model (its tokenizer has no role tokens): serve a checkpoint "
                          "fine-tuned by `scratchgpt sft`, or use /v1/completions", "messages")
-    raw = body.messages if body.messages is not None else []
-    for m in raw:
-        if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
-            parts = m["content"]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-                raise BadRequest("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported", "messages")
-            m["content"] = "".join(p["text"] for p in parts)
+    raw = [_joined_parts(m) for m in (body.messages if body.messages is not None else [])]
     try:
         messages = as_messages(raw, "messages")
     except ChatError as exc:
@@ -475,16 +476,26 @@ def _chat_messages(body: ChatRequest, state: ServerState) -> list[Message]:
     return messages
 
 
+def _joined_parts(message: Any) -> Any:
+    """A message whose content is text parts ([{"type": "text", "text": ...}, ...]) as one string; others as they are."""
+    if not (isinstance(message, dict) and isinstance(message.get("content"), list)):
+        return message
+    parts = message["content"]
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+        raise BadRequest("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported", "messages")
+    return {**message, "content": "".join(p["text"] for p in parts)}
+
+
 def chat_settings_for(body: ChatRequest, state: ServerState) -> tuple[list[int], SamplingSettings]:
     """Check a chat request and turn it into the rendered conversation's ids and the engine's settings (ending at <|end|>)."""
     messages = _chat_messages(body, state)
     block = state.model.config.block_size
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    as_completion = CompletionRequest(
-        prompt=".", max_tokens=limit if limit is not None else min(block, state.max_tokens_cap), temperature=body.temperature,
+    sampling = CompletionRequest(  # the fields both APIs share, checked by the same rules
+        max_tokens=limit if limit is not None else min(block, state.max_tokens_cap), temperature=body.temperature,
         top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty, n=body.n, stop=body.stop,
         seed=body.seed, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-    _, _, settings = settings_for(as_completion, state, [0])  # the limits and the settings' own checks
+    settings = _settings(sampling, state)
     try:
         ids, settings = reply_request(messages, state.tokenizer, block, settings)
     except ChatError as exc:
