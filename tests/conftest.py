@@ -65,6 +65,8 @@ def sharpen(model: torch.nn.Module) -> torch.nn.Module:
         model.transformer.wte.weight.mul_(5)
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(5)
+        if "bigram" in model.transformer:  # zero at initialisation: give the pairs a say
+            model.transformer.bigram.weight.normal_(0.0, 1.0)
     return model
 
 

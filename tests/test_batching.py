@@ -23,6 +23,7 @@ OPTIONS = {
     "rope-rmsnorm-qknorm-swiglu": dict(position="rope", norm="rmsnorm", qk_norm=True, activation="swiglu"),
     "relu2-manual-bias": dict(activation="relu2", attention="manual", bias=True),
     "rope-manual-tied": dict(position="rope", attention="manual", tie_weights=True),
+    "bigram-embed": dict(position="rope", norm="rmsnorm", bigram_embed=True),
 }
 
 
@@ -32,6 +33,8 @@ def make_model(block_size: int = 16, **options) -> torch.nn.Module:
     model = build_model(ModelConfig(vocab_size=VOCAB, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **options)).eval()
     with torch.no_grad():  # sharper than at initialisation, so sampling is not uniform noise
         model.lm_head.weight.mul_(8)
+        if "bigram" in model.transformer:  # zero at initialisation: give the pairs a say
+            model.transformer.bigram.weight.normal_(0.0, 1.0)
     return model
 
 

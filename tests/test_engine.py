@@ -33,6 +33,7 @@ OPTIONS = {
     "relu2-manual-bias": dict(activation="relu2", attention="manual", bias=True),
     "rope-manual-gelu": dict(position="rope", attention="manual"),
     "embed-norm-softcap": dict(position="rope", norm="rmsnorm", embed_norm=True, logit_softcap=15.0),
+    "bigram-embed": dict(position="rope", norm="rmsnorm", bigram_embed=True, embed_norm=True),
 }
 
 

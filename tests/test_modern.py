@@ -11,8 +11,14 @@ from conftest import tiny_config
 from scratchgpt.build import build_model
 from scratchgpt.checkpoint import load_checkpoint
 from scratchgpt.config import ModelConfig, TrainConfig
-from scratchgpt.modern import ModernAttention, ModernMLP, apply_rope, rope_tables
-from scratchgpt.optim import MultiOptimizer, Muon, configure_optimizer, newton_schulz
+from scratchgpt.modern import ModernAttention, ModernMLP, apply_rope, previous_tokens, rope_tables
+from scratchgpt.optim import (
+    MultiOptimizer,
+    Muon,
+    configure_optimizer,
+    newton_schulz,
+    set_learning_rate,
+)
 from scratchgpt.train import train
 
 MODERN = dict(norm="rmsnorm", position="rope", qk_norm=True, activation="relu2", tie_weights=False)
@@ -156,6 +162,20 @@ def test_newton_schulz_orthogonalises_a_stack_of_matrices():
     assert torch.allclose(newton_schulz(g.mT).float(), x.mT, atol=1e-2)  # tall matrices take the same path
 
 
+def test_polar_express_brings_small_singular_values_nearer_one_than_newton_schulz():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(8, 8))
+    v, _ = torch.linalg.qr(torch.randn(24, 8))
+    g = u @ torch.diag(torch.logspace(-3, 0, 8)) @ v.T  # singular values from 1e-3 to 1
+    plain = torch.linalg.svdvals(newton_schulz(g).float())
+    express = torch.linalg.svdvals(newton_schulz(g, polar_express=True).float())
+    # In exact arithmetic five steps take 1e-3 to 0.47 (Newton-Schulz) and 0.86 (Polar Express); bf16 leaves less.
+    assert plain.min() < 0.55 and express.min() > 0.6 and express.max() < 1.2
+    assert (express - 1).abs().mean() < 0.6 * (plain - 1).abs().mean()  # all of them nearer 1
+    with pytest.raises(ValueError, match="5 steps, not 6"):
+        newton_schulz(g, steps=6, polar_express=True)
+
+
 def test_muon_takes_block_matrices_and_adamw_the_rest():
     model = build_model(cfg(**MODERN))
     opt = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02), torch.device("cpu"))
@@ -165,6 +185,23 @@ def test_muon_takes_block_matrices_and_adamw_the_rest():
     for name, p in model.named_parameters():
         assert (id(p) in muon_params) == (name.startswith("transformer.h.") and p.dim() == 2), name
     assert muon.param_groups[0]["lr_scale"] == pytest.approx(20.0)
+
+
+def test_embed_and_head_rates_get_groups_of_their_own_on_the_schedule():
+    model = build_model(cfg(**MODERN))
+    train_cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, embed_lr=1e-2, head_lr=5e-4)
+    adamw = configure_optimizer(model, train_cfg, torch.device("cpu")).optimizers[0]
+    scale_of = {id(p): g["lr_scale"] for g in adamw.param_groups for p in g["params"]}
+    assert scale_of[id(model.transformer.wte.weight)] == pytest.approx(10.0)
+    assert scale_of[id(model.lm_head.weight)] == pytest.approx(0.5)
+    assert scale_of[id(model.transformer.ln_f.weight)] == 1.0
+    set_learning_rate(adamw, 2e-4)  # a point of the schedule: each group at its own multiple of it
+    rate_of = {id(p): g["lr"] for g in adamw.param_groups for p in g["params"]}
+    assert rate_of[id(model.transformer.wte.weight)] == pytest.approx(2e-3)
+    assert rate_of[id(model.lm_head.weight)] == pytest.approx(1e-4)
+    # Without either rate the groups stay the two that earlier runs saved, so their optimizer state resumes.
+    plain = configure_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers[0]
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.1, 0.0]
 
 
 def test_modern_muon_run_learns_and_resumes_exactly(tmp_path, small_corpus):
@@ -227,3 +264,49 @@ def test_the_logit_softcap_bounds_the_logits_and_keeps_small_ones():
     soft, _ = capped(x)
     assert raw.abs().max() > 10 and soft.abs().max() <= 2  # tanh reaches the cap itself only by rounding
     assert torch.allclose(soft, 2.0 * torch.tanh(raw / 2.0), atol=1e-5)
+
+
+def test_the_pair_embedding_adds_each_tokens_pair_row_by_hand():
+    model = build_model(cfg(**MODERN, bigram_embed=True)).eval()
+    V = model.config.vocab_size
+    assert model.transformer.bigram.weight.shape == ((V + 1) * V, 16) and not model.transformer.bigram.weight.any()
+    with torch.no_grad():
+        model.transformer.bigram.weight.normal_()
+    idx = torch.tensor([[3, 1, 2]])
+    assert previous_tokens(idx, None, none=V).tolist() == [[V, 3, 1]]  # the window's first token follows nothing
+    table, pairs = model.transformer.bigram.weight, torch.tensor([V * V + 3, 3 * V + 1, 1 * V + 2])
+    expected = model.transformer.wte.weight[idx[0]] + table[pairs]
+    torch.testing.assert_close(model.embed(idx, None)[0], expected)
+
+
+def test_samples_of_a_pair_embedding_model_from_one_prefill_equal_the_reference():
+    from scratchgpt.inference.engine import Request, SamplingSettings, run
+    from scratchgpt.sample import generate_naive
+
+    torch.manual_seed(0)
+    model = build_model(cfg(**MODERN, bigram_embed=True)).eval()
+    with torch.no_grad():
+        model.transformer.bigram.weight.normal_()
+        model.lm_head.weight.mul_(10)
+    prompt = [1, 2, 3, 4]
+    request = Request(prompt, SamplingSettings(max_new_tokens=30, num_samples=3), torch.Generator().manual_seed(5))
+    rows = torch.tensor([output.ids for output in run(model, request)]).T  # (3, 30): copied rows, window jumps
+    reference = generate_naive(model, torch.tensor([prompt]).expand(3, -1), 30, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.stack(list(reference), dim=1), rows)
+
+
+def test_a_pair_embedding_refuses_what_it_cannot_be():
+    from scratchgpt.errors import ConfigError, InteropError
+    from scratchgpt.interop.hf import check_exportable
+    from scratchgpt.lora import add_lora, grow_vocab
+
+    with pytest.raises(ConfigError, match="bigram_embed.*vocab_size 5000"):
+        build_model(cfg(**MODERN, bigram_embed=True, vocab_size=5000))
+    model = build_model(cfg(**MODERN, bigram_embed=True))
+    with pytest.raises(ConfigError, match="cannot grow"):
+        grow_vocab(model, 23)
+    with pytest.raises(ConfigError, match="cannot grow"):
+        add_lora(model, rank=2, alpha=4.0, vocab_size=23)
+    for option in (dict(bigram_embed=True), dict(embed_norm=True), dict(logit_softcap=15.0)):
+        with pytest.raises(InteropError, match=f"{next(iter(option))}=.*no GPT-2 equivalent"):
+            check_exportable(cfg(**option))

@@ -63,6 +63,7 @@ class ModelConfig:
     zero_init_head: bool = False  # start the LM head at zero: every first prediction is uniform
     embed_norm: bool = False  # RMS-normalise the token embedding before the first block
     logit_softcap: float = 0.0  # squash logits into (-cap, cap) with cap * tanh(logits / cap); 0: off
+    bigram_embed: bool = False  # add an embedding of each (previous token, token) pair to the token embedding
 
     def __post_init__(self) -> None:
         _require(self.model_type in MODEL_TYPES, f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
@@ -100,7 +101,8 @@ class ModelConfig:
         return [name for name, used in (("rmsnorm", self.norm != "layernorm"), ("rope", self.position != "learned"),
                                         ("qk_norm", self.qk_norm), (self.activation, self.activation in ("relu2", "swiglu")),
                                         ("zero_init_proj", self.zero_init_proj), ("zero_init_head", self.zero_init_head),
-                                        ("embed_norm", self.embed_norm), ("logit_softcap", self.logit_softcap > 0)) if used]
+                                        ("embed_norm", self.embed_norm), ("logit_softcap", self.logit_softcap > 0),
+                                        ("bigram_embed", self.bigram_embed)) if used]
 
 
 # What a checkpoint's weights leave free when a run resumes or fine-tunes from it: the rest is its shape.
@@ -140,6 +142,9 @@ class TrainConfig:
     muon_lr: float = 0.02  # Muon's learning rate at the top of the schedule (follows the same schedule)
     muon_momentum: float = 0.95
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum; 0: none
+    muon_polar_express: bool = False  # Muon orthogonalises with Polar Express's coefficients, one set per step
+    embed_lr: float = 0.0  # peak learning rate of the embedding tables (follows the schedule); 0: learning_rate
+    head_lr: float = 0.0  # peak learning rate of the untied LM head (follows the schedule); 0: learning_rate
     # Fine-tuning: a checkpoint whose weights and tokenizer start this run. The model's shape
     # comes from it (only dropout and attention are taken from this config). "": from scratch.
     init_from: str = ""
@@ -155,7 +160,7 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "lr_decay_steps", "sample_tokens", "save_every", "keep_checkpoints", "threads",
                      "muon_momentum_warmup"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "min_lr"):
+        for name in ("learning_rate", "min_lr", "embed_lr", "head_lr"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
         _require(self.min_lr <= self.learning_rate, f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
@@ -257,6 +262,7 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "zero_init_proj": "start every residual branch's output projection at zero",
         "zero_init_head": "start the LM head at zero, so that every first prediction is uniform (modded-nanogpt)",
         "embed_norm": "RMS-normalise the token embedding before the first block (modded-nanogpt)",
+        "bigram_embed": "add an embedding of each (previous token, token) pair to the token embedding: an exact bigram table (modded-nanogpt hashes the pairs); small vocabularies only",
         "logit_softcap": "squash the logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); 0: off",
     },
     "train": {
@@ -288,6 +294,9 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "muon_lr": "Muon's peak learning rate (follows the same schedule)",
         "muon_momentum": "Muon's Nesterov momentum",
         "muon_momentum_warmup": "steps over which Muon's momentum rises linearly from 0.85 to muon_momentum (modded-nanogpt); 0: constant",
+        "muon_polar_express": "Muon orthogonalises with Polar Express's five per-step coefficients (Amsel et al., 2025; modded-nanogpt, nanochat) instead of one Newton-Schulz quintic",
+        "embed_lr": "peak learning rate of the token (and position) embeddings, on the same schedule (nanochat trains them faster than the rest); 0: --lr",
+        "head_lr": "peak learning rate of the untied LM head, on the same schedule (nanochat trains it slower than the rest); 0: --lr",
         "init_from": 'checkpoint whose weights and tokenizer start this run (fine-tuning); "": from scratch',
         "trust_device": "train on a GPU or MPS device even if its float32 pass over a fixed batch disagrees with the CPU's (checked before training)",
         "tensorboard": "also write every metrics row (losses, learning rate, gradient norm, tokens/s) and the samples as TensorBoard events under RUN/tensorboard (needs the tensorboard extra)",

@@ -79,12 +79,20 @@ def new_rows_like(matrix: torch.Tensor, n_new: int) -> torch.Tensor:
     return matrix.detach().mean(dim=0, keepdim=True).repeat(n_new, 1)
 
 
+def refuse_pair_table(model: nn.Module) -> None:
+    """A pair embedding (bigram_embed) indexes its rows by the vocabulary's size: it cannot take new tokens."""
+    if getattr(model.config, "bigram_embed", False):
+        raise ConfigError("this model has bigram_embed, whose table cannot grow for new tokens (the chat role tokens): "
+                          "train the base model with its final vocabulary, or without --bigram-embed")
+
+
 def grow_vocab(model: nn.Module, vocab_size: int) -> None:
     """Give a plain model's embedding and head rows up to `vocab_size`, started as `new_rows_like` (full fine-tuning)."""
     wte, head = model.transformer.wte, model.lm_head
     n_new = vocab_size - wte.num_embeddings
     if n_new <= 0:
         return
+    refuse_pair_table(model)
     tied = head.weight is wte.weight
     with torch.no_grad():
         wte.weight = nn.Parameter(torch.cat([wte.weight, new_rows_like(wte.weight, n_new)]))
@@ -116,6 +124,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]
 
 
 def _add_new_rows(model: nn.Module, n_new: int) -> None:
+    refuse_pair_table(model)
     wte, head = model.transformer.wte, model.lm_head
     tied = head.weight is wte.weight
     in_rows = nn.Parameter(new_rows_like(wte.weight, n_new))

@@ -1,5 +1,6 @@
 """The speedrun's parts, swapped into the classic GPT (model.py): RoPE, RMSNorm, QK-norm, ReLU^2, SwiGLU,
-zero-initialised projections and head, a normalised embedding and soft-capped logits. Each is a `ModelConfig` option; build.py picks `ModernGPT`
+zero-initialised projections and head, a normalised embedding, an embedding of token pairs (bigrams) and
+soft-capped logits. Each is a `ModelConfig` option; build.py picks `ModernGPT`
 when a config asks for any of them. The module and parameter names stay GPT-2's, so a
 checkpoint's weights load whichever class built them.
 """
@@ -11,8 +12,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .errors import ConfigError
 from .inference.cache import KVCache
 from .model import GPT, MLP, Block, CausalSelfAttention, _init_linear_and_embedding
+
+MAX_BIGRAM_VOCAB = 1023  # bigram_embed's table has (V + 1) * V rows: about a million at most
+MAX_BIGRAM_ROWS = (MAX_BIGRAM_VOCAB + 1) * MAX_BIGRAM_VOCAB
+
+
+def previous_tokens(idx: torch.Tensor, cache: KVCache | None, none: int) -> torch.Tensor:
+    """The token before each of idx (B, T); `none` for the first of a window, which training also sees without one.
+
+    Decoding one token at a time, the predecessor is the cache's (cache.py remembers each row's last token)."""
+    if cache is not None:
+        return cache.previous_tokens(idx, none)
+    return F.pad(idx[:, :-1], (1, 0), value=none)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -112,6 +126,11 @@ class ModernGPT(GPT):
         layers: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}
         if config.position == "learned":  # with RoPE, positions enter inside attention instead
             layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.bigram_embed:  # a vector for each (previous, current) pair; V + 1 predecessors: "none" is the last
+            if (config.vocab_size + 1) * config.vocab_size > MAX_BIGRAM_ROWS:
+                raise ConfigError(f"bigram_embed needs a table of (V + 1) * V rows; vocab_size {config.vocab_size} is too "
+                                  f"large for it (at most {MAX_BIGRAM_VOCAB}): use a character or byte tokenizer")
+            layers["bigram"] = nn.Embedding((config.vocab_size + 1) * config.vocab_size, config.n_embd)
         layers.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([ModernBlock(config) for _ in range(config.n_layer)]),
@@ -129,12 +148,18 @@ class ModernGPT(GPT):
                     nn.init.zeros_(param)
         if self.config.zero_init_head and not self.config.tie_weights:  # uniform first predictions: loss ln(V)
             nn.init.zeros_(self.lm_head.weight)
+        if "bigram" in self.transformer:  # the pairs start adding nothing
+            nn.init.zeros_(self.transformer.bigram.weight)
 
     def embed(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         if "wpe" in self.transformer:
             x = super().embed(idx, cache)
         else:
             x = self.transformer.wte(idx)  # (B, T) -> (B, T, C); RoPE adds the positions in attention
+        if "bigram" in self.transformer:  # what each token follows, as the pair's own vector
+            V = self.config.vocab_size
+            before = previous_tokens(idx, cache, none=V)  # (B, T), V for a window's first token
+            x = x + self.transformer.bigram(before * V + idx)
         return F.rms_norm(x, (x.size(-1),)) if self.config.embed_norm else x  # unit RMS, no weights
 
     def output(self, x: torch.Tensor) -> torch.Tensor:

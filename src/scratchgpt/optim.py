@@ -22,25 +22,39 @@ import torch
 
 from .config import TrainConfig
 
-# The quintic Newton-Schulz coefficients of torch.optim.Muon (and of Jordan et al.'s Muon).
+# The quintic Newton-Schulz coefficients of torch.optim.Muon (and of Jordan et al.'s Muon), the same at every step.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al., 2025, arXiv:2505.16932): one (a, b, c) per step, each the best for the
+# singular values the step before leaves; as modded-nanogpt and nanochat use them, with the input's
+# norm taken 2% larger. Five steps bring singular values from 1e-3 to 1 within about 0.86-1.14, where
+# Newton-Schulz's five leave 0.47-1.2.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, polar_express: bool = False) -> torch.Tensor:
     """Approximately orthogonalise each matrix of a (..., rows, cols) stack, in bfloat16.
 
     Scaled to unit Frobenius norm (so every singular value is at most 1), X is pushed towards
     U V^T by X <- a X + (b A + c A^2) X with A = X X^T. The iteration works on the wide
-    orientation, so that A is the smaller Gram matrix.
+    orientation, so that A is the smaller Gram matrix. `polar_express`: each step's own
+    coefficients (at most five steps) instead of one quintic for all.
     """
-    a, b, c = NS_COEFFICIENTS
+    if polar_express and steps > len(POLAR_EXPRESS_COEFFICIENTS):
+        raise ValueError(f"Polar Express has coefficients for {len(POLAR_EXPRESS_COEFFICIENTS)} steps, not {steps}")
+    schedule = POLAR_EXPRESS_COEFFICIENTS[:steps] if polar_express else (NS_COEFFICIENTS,) * steps
     x = g.bfloat16()
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * (1.02 if polar_express else 1.0)).clamp(min=eps)
     flat = x.reshape(-1, *x.shape[-2:])  # (n, rows, cols): baddbmm wants exactly one batch dim
-    for _ in range(steps):
+    for a, b, c in schedule:
         gram = flat @ flat.mT  # (n, rows, rows)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
         flat = torch.baddbmm(flat, poly, flat, beta=a)  # a X + (b A + c A^2) X
@@ -55,9 +69,9 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7):
+                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7, polar_express: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, eps=eps)
+                        ns_steps=ns_steps, eps=eps, polar_express=polar_express)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -80,7 +94,8 @@ class Muon(torch.optim.Optimizer):
                     bufs.append(state["momentum_buffer"])
                 torch._foreach_lerp_(bufs, grads, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
                 updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-                ortho = newton_schulz(torch.stack(updates), group["ns_steps"], group["eps"])  # (n, rows, cols)
+                ortho = newton_schulz(torch.stack(updates), group["ns_steps"], group["eps"],  # (n, rows, cols)
+                                      group.get("polar_express", False))  # .get: a group saved before the option
                 # Tall matrices get a larger step, so that the update's RMS does not depend on the shape.
                 scaled_lr = lr * math.sqrt(max(1.0, shape[0] / shape[1]))
                 if weight_decay:
@@ -132,11 +147,7 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     hidden = [p for n, p in named if use_muon and p.dim() == 2 and n.startswith("transformer.h.")]
     hidden_ids = {id(p) for p in hidden}
     rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
-    groups = [
-        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = [g for g in adamw_groups(rest, cfg) if g["params"]]
     # The fused kernel takes all tensors in one call: far less optimizer time than foreach on a CPU.
     implementation = {"fused": True} if fused and device.type in ("cuda", "cpu") else {}
     adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **implementation)
@@ -147,8 +158,31 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     muon = Muon(
         [{"params": hidden, "lr_scale": muon_scale}],
         lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=True,
+        polar_express=cfg.muon_polar_express,
     )
     return MultiOptimizer(adamw, muon)
+
+
+def adamw_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's groups: the matrices (decayed), then biases and norms (not decayed); with `embed_lr` or
+    `head_lr`, the embeddings or the head get a group of their own first.
+
+    Each group's `lr_scale` is its peak rate over `learning_rate`, so all of them follow one schedule.
+    Without either rate the groups are the two of earlier runs, whose saved optimizer state resumes."""
+    own_rates = {"transformer.wte.": cfg.embed_lr, "transformer.wpe.": cfg.embed_lr, "transformer.bigram.": cfg.embed_lr,
+                 "lm_head.": cfg.head_lr}
+    scale_of = {prefix: lr / cfg.learning_rate for prefix, lr in own_rates.items() if lr and cfg.learning_rate > 0}
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    matrices, vectors = [], []
+    for name, p in named:
+        prefix = next((pre for pre in scale_of if name.startswith(pre)), None)
+        if p.dim() >= 2 and prefix is not None:
+            groups.setdefault(scale_of[prefix], []).append(p)
+        else:
+            (matrices if p.dim() >= 2 else vectors).append(p)
+    own = [{"params": ps, "weight_decay": cfg.weight_decay, "lr_scale": scale} for scale, ps in groups.items()]
+    return own + [{"params": matrices, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                  {"params": vectors, "weight_decay": 0.0, "lr_scale": 1.0}]
 
 
 MUON_MOMENTUM_START = 0.85  # where a momentum warm-up starts (modded-nanogpt: 0.85 to 0.95 over 300 steps)

@@ -4,7 +4,8 @@
 block_size positions plus one scratch position. The model asks it three things, whatever it
 holds: the positions of the tokens it is given (`positions`), which keys each query may see
 (`mask`, None for the plain causal triangle), and where to put the new keys and values
-(`update`). The engine (engine.py) chooses what the next forward pass is:
+(`update`); a model with a pair embedding also asks which token came before (`previous_tokens`).
+The engine (engine.py) chooses what the next forward pass is:
 
 - `prefill(rows, T)`: T tokens of a window, at positions 0..T-1, into the given rows; the
   queries see only each other (causal), so the model can use the fused causal kernel;
@@ -35,9 +36,20 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # positions cached per row
+        self.last_tokens = torch.zeros(rows, dtype=torch.long, device=device)  # each row's last token (bigram_embed)
         self._key_positions = torch.arange(block_size + 1, device=device)  # (K,)
         self._all_keys = torch.ones(1, 1, 1, block_size + 1, dtype=torch.bool, device=device)
         self.decode(torch.zeros(rows, dtype=torch.bool, device=device))
+
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, last_tokens: torch.Tensor) -> KVCache:
+        """A cache over tensors that already hold its state (an exported step takes them as inputs)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.lengths, cache.last_tokens = keys, values, lengths, last_tokens
+        cache.block_size = keys.size(3) - 1  # the last position is the scratch one
+        cache._key_positions = torch.arange(cache.block_size + 1, device=keys.device)
+        cache._all_keys = torch.ones(1, 1, 1, cache.block_size + 1, dtype=torch.bool, device=keys.device)
+        return cache
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int = 1) -> KVCache:
@@ -95,6 +107,15 @@ class KVCache:
         self.values[layer].scatter_(2, self._write, v)
         return self.keys[layer], self.values[layer]  # (rows, nh, K, hs), masked by `mask`
 
+    def previous_tokens(self, idx: torch.Tensor, none: int) -> torch.Tensor:
+        """The token before each of idx (B, T), `none` for a window's first; remembers each row's last token."""
+        if self._mode == "prefill":
+            self.last_tokens[self._rows] = idx[:, -1]
+            return torch.nn.functional.pad(idx[:, :-1], (1, 0), value=none)
+        before = self.last_tokens[:, None].clone()  # (rows, 1): one token per row
+        self.last_tokens.copy_(torch.where(self.active, idx[:, 0], self.last_tokens))  # idle rows keep theirs
+        return before
+
     # --- after the pass ----------------------------------------------------------------------------
 
     def advance(self) -> None:
@@ -111,6 +132,7 @@ class KVCache:
         self.keys[:, targets] = self.keys[:, source:source + 1].clone()  # (L, 1, nh, K, hs) -> (L, n - 1, nh, K, hs)
         self.values[:, targets] = self.values[:, source:source + 1].clone()
         self.lengths[targets] = int(self.lengths[source])
+        self.last_tokens[targets] = int(self.last_tokens[source])
 
     def free(self, rows: torch.Tensor) -> None:
         """Forget what `rows` hold (the memory stays allocated)."""

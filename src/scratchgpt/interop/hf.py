@@ -58,6 +58,9 @@ def check_exportable(config: ModelConfig, target: str = "Hugging Face GPT-2") ->
         ("position", config.position != "learned", "GPT-2 uses learned position embeddings"),
         ("qk_norm", config.qk_norm, "GPT-2 does not normalise queries and keys"),
         ("activation", config.activation not in ("gelu", "gelu_tanh"), "GPT-2 uses GELU"),
+        ("embed_norm", config.embed_norm, "GPT-2 does not normalise its embedding"),
+        ("logit_softcap", config.logit_softcap > 0, "GPT-2 does not cap its logits"),
+        ("bigram_embed", config.bigram_embed, "GPT-2 has no embedding of token pairs"),
     ]
     for name, bad, why in refused:
         if bad:
