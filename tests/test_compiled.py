@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import sharpen
 
 from scratchgpt.build import build_model
 from scratchgpt.config import ModelConfig
 from scratchgpt.inference import compiled
+from scratchgpt.inference.cache import KVCache
 from scratchgpt.inference.engine import Engine, Request, SamplingSettings
 from scratchgpt.sample import generate_naive
 
 VOCAB = 13
 
 
-def make_model(**options):
-    torch.manual_seed(0)
+def make_model(seed: int = 0, **options):
+    torch.manual_seed(seed)
     config = ModelConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_weights=False, **options)
     return sharpen(build_model(config).eval())
 
@@ -33,8 +35,9 @@ def decode(model, compile: bool, requests: list[tuple[list[int], SamplingSetting
     return [steps[i] for i in range(len(live))]
 
 
-def test_the_compiled_step_gives_the_eager_steps_text_through_window_jumps():
-    model = make_model(position="rope", qk_norm=True)
+@pytest.mark.parametrize("options", [dict(qk_norm=True), dict(norm="rmsnorm", bigram_embed=True)], ids=["qk-norm", "bigram-embed"])
+def test_the_compiled_step_gives_the_eager_steps_text_through_window_jumps(options):
+    model = make_model(position="rope", **options)
     requests = [([1, 2, 3], SamplingSettings(max_new_tokens=40, temperature=0), 0),
                 ([4, 5], SamplingSettings(max_new_tokens=30, temperature=0.8, top_k=5, num_samples=2), 1),
                 ([6] * 9, SamplingSettings(max_new_tokens=20, temperature=1.0, repetition_penalty=1.3), 2)]
@@ -50,13 +53,25 @@ def test_a_step_that_cannot_compile_runs_eager_and_says_so_once(monkeypatch):
     said = []
     step = compiled.CompiledStep(say=said.append)
 
-    def broken():
-        def fail(*args):
-            raise RuntimeError("InductorError: no C++ compiler here\nmore lines")
-        return fail
+    def broken(*args):
+        raise RuntimeError("InductorError: no C++ compiler here\nmore lines")
 
-    monkeypatch.setattr(compiled, "_compiled_function", broken)
+    monkeypatch.setattr(compiled, "load_program", broken)
     monkeypatch.setattr(compiled, "_steps", {model: step})
     requests = [([1, 2, 3], SamplingSettings(max_new_tokens=20, temperature=0), 0)]
     assert decode(model, True, requests) == decode(model, False, requests)
-    assert len(said) == 1 and "could not compile" in said[0] and "no C++ compiler here" in said[0]
+    assert len(said) == 1 and "could not be compiled" in said[0] and "no C++ compiler here" in said[0]
+
+
+def test_a_model_of_the_same_shape_loads_the_built_program_and_runs_its_own_weights(monkeypatch):
+    first = make_model(position="rope", qk_norm=True)
+    requests = [([1, 2, 3], SamplingSettings(max_new_tokens=25, temperature=0), 0),
+                ([4, 5], SamplingSettings(max_new_tokens=20, temperature=0.9, top_k=4), 3)]
+    decode(first, True, requests)  # built now, or already by an earlier test
+    other = make_model(seed=7, position="rope", qk_norm=True)  # the same shape, other weights
+    built = []
+    monkeypatch.setattr(torch.export, "export", lambda *args, **kw: built.append(1) or 1 / 0)
+    eager = decode(other, False, requests)
+    assert decode(other, True, requests) == eager != decode(first, False, requests)
+    assert not built and compiled.compiled_step_for(other).failed is None  # loaded from disk, never exported
+    assert len(list(compiled.package_path(other, KVCache.for_model(other, rows=4)).parent.glob("*.pt2"))) >= 1

@@ -99,7 +99,7 @@ def generate_text(
     """Convenience wrapper: the prompt's continuation as a string, ended early by a stop string.
 
     `compile=True` runs each decoding step as one compiled program (inference/compiled.py): tens of
-    seconds the first time, then faster for as long as the model lives.
+    seconds the first time for a model's shape, then loaded from the cache directory in under a second.
     """
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=use_cache)

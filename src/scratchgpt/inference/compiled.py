@@ -1,33 +1,46 @@
-"""The engine's decoding step, compiled: one fused program for the cache's masks, the model and the cache's advance.
+"""The engine's decoding step, compiled ahead of time: one C++ program for the cache's masks, the model and the
+cache's advance, built once per model shape and kept on disk.
 
 Eager PyTorch runs a decoding step as hundreds of small operations, each dispatched from Python
 (views, reshapes, a mask, a write into the cache, dropouts that do nothing at inference); at
 the sizes scratchgpt trains, that overhead costs more than the arithmetic. The step's shapes
 never change (the cache is preallocated, positions are tensors, every row takes part), so
-`torch.compile(fullgraph=True, dynamic=False)` can trace it once and inductor can emit it as one
-C++ program (`cpp_wrapper`: no Python between its kernels). Prefills keep running eager: their
-length varies.
+`torch.export` can trace it once and AOTInductor can compile it into a shared library: no
+Python, no guards and no graph checks between one token and the next. Prefills keep running
+eager: their length varies.
 
-Compiling costs tens of seconds on a laptop the first time (inductor keeps the result in its
-on-disk cache, so a later process takes a few seconds), so it is a choice: `Engine(model,
-compile=True)`, `generate_text(..., compile=True)`, `scratchgpt sample --compile`. Where it
-cannot work (no C++ compiler, an operation inductor cannot trace) the step says why once and
+The package takes the cache's tensors and the model's weights as inputs (the cache's are
+updated in place), so one package serves every checkpoint of a shape, and weights changed in
+place are the ones used. It is keyed by the model's config, the rows, the dtype, the torch
+version and the source of the files that define the step, and kept under the cache directory
+(`decode-steps/`): the first use compiles (tens of seconds on a laptop), later processes load
+it in a fraction of a second. So it is a choice: `Engine(model, compile=True)`,
+`generate_text(..., compile=True)`, `scratchgpt sample --compile`, `serve --compile`. Where it
+cannot work (no C++ compiler, an operation that cannot be exported) the step says why once and
 runs eager; tests/test_compiled.py checks that both give the same text.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 import weakref
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from ..device import cpp_compiler_missing
+from ..speed.dtype import cpu_info
+from ..text import cache_dir
 from .cache import KVCache
 
-_compiled: Callable | None = None  # one compiled function per process; dynamo keeps a graph per model and shape
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its CompiledStep
+PACKAGES_KEPT = 8  # the newest packages stay in cache_dir()/decode-steps; older ones are deleted
 
 
 def eager_step(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
@@ -42,47 +55,131 @@ def eager_step(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, act
     return logits
 
 
+class ExportedStep(nn.Module):
+    """`eager_step` as a module whose inputs are all tensors: the tokens, the active rows, the cache's state
+    and the model's weights (by `names`), so that torch.export can trace it."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, tokens, active, keys, values, lengths, last_tokens, *weights) -> torch.Tensor:
+        cache = KVCache.over(keys, values, lengths, last_tokens)
+        cache.decode(active)
+        logits = torch.func.functional_call(self.model, dict(zip(self.names, weights, strict=True)), (tokens,),
+                                            {"cache": cache})[0][:, -1]
+        cache.advance()
+        return logits
+
+
 class CompiledStep:
-    """`eager_step`, compiled on its first call; eager from then on if compiling fails, said once."""
+    """The model's decoding step as an AOTInductor program, loaded (or built: that needs a C++ compiler)
+    on its first call; eager from then on if that fails, said once."""
 
     def __init__(self, say: Callable[[str], None] | None = None):
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.failed: str | None = None
         self.ran = False
+        self._programs: dict[tuple, Callable] = {}  # (rows, dtype) -> the loaded program's run
+        self._cache: KVCache | None = None  # the engine's cache the weights were last read for
+        self._weights: list[torch.Tensor] = []
 
     def __call__(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
                  length: int | None = None) -> torch.Tensor:
         """The compiled step over every row (`length`, the eager path's shortcut, changes shapes: not used)."""
-        if self.failed is None and not self.ran:
-            self.failed = cpp_compiler_missing(tokens.device)
-            if self.failed:
-                self.say(f"note: {self.failed}; decoding without torch.compile")
         if self.failed is not None:
             return eager_step(model, tokens, cache, active)
         try:
-            # Outside inference mode: inductor traces with plain tensors; no_grad keeps autograd out.
-            with torch.inference_mode(False), torch.no_grad(), torch._inductor.config.patch(cpp_wrapper=True):
-                logits = _compiled_function()(model, tokens, cache, active)
+            if cache is not self._cache:  # a new engine: read the weights again (a merge may have replaced them)
+                self._cache, self._weights = cache, [p.detach() for _, p in model.named_parameters()]
+            key = (cache.rows, cache.keys.dtype, cache.keys.device)
+            if key not in self._programs:
+                self._programs[key] = load_program(model, tokens, cache, active, self.say)
+            logits = self._programs[key]([tokens, active, cache.keys, cache.values, cache.lengths, cache.last_tokens,
+                                          *self._weights])
         except Exception as exc:
             if self.ran:
                 raise
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
             self.failed = f"{type(exc).__name__}: {first_line}"
-            self.say(f"note: torch.compile could not compile the decoding step ({self.failed}); decoding without it")
+            self.say(f"note: the decoding step could not be compiled ({self.failed}); decoding without it")
             return eager_step(model, tokens, cache, active)
         self.ran = True
         return logits
 
 
-def _compiled_function() -> Callable:
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(eager_step, fullgraph=True, dynamic=False)
-    return _compiled
+def load_program(model: nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
+                 say: Callable[[str], None]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The step's program for this model's shape and the cache's rows: from disk, or exported and compiled now."""
+    names = [name for name, _ in model.named_parameters()]
+    path = package_path(model, cache)
+    if not path.exists():
+        missing = cpp_compiler_missing(tokens.device)
+        if missing:
+            raise RuntimeError(missing)
+        say(f"compiling the decoding step once for this model's shape (kept in {path.parent})")
+        weights = [p.detach() for _, p in model.named_parameters()]
+        with torch.inference_mode(False), torch.no_grad():  # export traces plain tensors: copies, made here
+            inputs = [t.clone() for t in (tokens, active, cache.keys, cache.values, cache.lengths, cache.last_tokens)]
+            program = torch.export.export(ExportedStep(model, names), (*inputs, *weights), strict=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+        os.replace(partial, path)  # whole or absent: another process may be loading the same key
+        _forget_old_packages(path.parent)
+    return open_package(path, cache.keys.device)
+
+
+def open_package(path: Path, device: torch.device) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The package's program, called with a flat list of tensors.
+
+    PyTorch's C++ loader directly where this torch has it: `aoti_load_package` would first import
+    inductor and test-compile the CPU's vector instructions (4 s on a 2-core laptop; the package
+    key already names the CPU's flags), and its call flattens pytrees (0.15 ms a token)."""
+    aoti = getattr(torch._C, "_aoti", None)
+    if aoti is not None and hasattr(aoti, "AOTIModelPackageLoader"):
+        index = -1 if device.type == "cpu" else (device.index or 0)
+        loader = aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        return lambda inputs: loader.run(inputs)[0]
+    package = torch._inductor.aoti_load_package(str(path))
+    return lambda inputs: package(*inputs)
+
+
+def package_path(model: nn.Module, cache: KVCache) -> Path:
+    """Where the package for this model's shape, the cache's rows and dtype, this torch and this code lives."""
+    described = {"class": type(model).__name__, "config": asdict(model.config), "rows": cache.rows,
+                 "dtype": str(cache.keys.dtype), "device": cache.keys.device.type, "torch": torch.__version__,
+                 "code": _code_digest(), "cpu": _cpu()}
+    described["config"].pop("dropout", None)  # no dropout at inference
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return cache_dir() / "decode-steps" / f"{digest}.pt2"
+
+
+def _cpu() -> list:
+    """The CPU's model and flags: a package built for other vector instructions must not load."""
+    name, flags = cpu_info()
+    return [name, sorted(flags)]
+
+
+def _code_digest() -> str:
+    """A digest of the files whose code the step runs: a change to any of them builds a new package."""
+    here = Path(__file__).resolve().parent.parent
+    files = ("model.py", "modern.py", "inference/cache.py", "inference/compiled.py", "speed/kernels.py")
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _forget_old_packages(folder: Path) -> None:
+    finished = [p for p in folder.glob("*.pt2") if ".partial." not in p.name]  # another process's build stays
+    packages = sorted(finished, key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in packages[PACKAGES_KEPT:]:
+        old.unlink(missing_ok=True)
 
 
 def compiled_step_for(model: torch.nn.Module) -> CompiledStep:
-    """The model's compiled step, kept while the model lives, so that its engines share one compile and one note."""
+    """The model's compiled step, kept while the model lives, so that its engines share one build and one note."""
     if model not in _steps:
         _steps[model] = CompiledStep()
     return _steps[model]
