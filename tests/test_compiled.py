@@ -75,3 +75,20 @@ def test_a_model_of_the_same_shape_loads_the_built_program_and_runs_its_own_weig
     assert decode(other, True, requests) == eager != decode(first, False, requests)
     assert not built and compiled.compiled_step_for(other).failed is None  # loaded from disk, never exported
     assert len(list(compiled.package_path(other, KVCache.for_model(other, rows=4)).parent.glob("*.pt2"))) >= 1
+
+
+def test_a_second_shape_that_cannot_be_built_runs_eager_while_the_first_stays_compiled(monkeypatch):
+    model = make_model(position="rope", qk_norm=True)
+    requests = [([1, 2, 3], SamplingSettings(max_new_tokens=20, temperature=0), 0)]
+    decode(model, True, requests)  # four rows: built, or loaded from an earlier test's build
+    step = compiled.compiled_step_for(model)
+    said = []
+    monkeypatch.setattr(step, "say", said.append)
+    monkeypatch.setattr(compiled, "load_program", lambda *args: 1 / 0)
+    engine = Engine(model, rows=2, compile=True)  # two rows: another program, which now fails to build
+    request = Request([1, 2, 3], SamplingSettings(max_new_tokens=20, temperature=0), torch.Generator().manual_seed(0))
+    ids = [engine.start(request).ids]
+    while engine.running:
+        ids += [output.ids for output in engine.step()]
+    assert ids == decode(model, False, requests)[0]
+    assert len(said) == 1 and "ZeroDivisionError" in said[0] and step.failed

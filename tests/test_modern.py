@@ -310,3 +310,21 @@ def test_a_pair_embedding_refuses_what_it_cannot_be():
     for option in (dict(bigram_embed=True), dict(embed_norm=True), dict(logit_softcap=15.0)):
         with pytest.raises(InteropError, match=f"{next(iter(option))}=.*no GPT-2 equivalent"):
             check_exportable(cfg(**option))
+
+
+def test_a_run_with_its_own_embedding_rate_resumes_exactly_and_refuses_other_groups(tmp_path, small_corpus):
+    from scratchgpt.errors import CheckpointError
+
+    def config(steps, **rates):
+        c = tiny_config(small_corpus, max_steps=steps, eval_interval=10, lr_decay_steps=20, optimizer="muon", **rates)
+        c.model.tie_weights = False
+        return c
+
+    full = train(config(20, embed_lr=1e-2), tmp_path / "full", progress=False)
+    train(config(10, embed_lr=1e-2), tmp_path / "split", progress=False)
+    split = train(config(20, embed_lr=1e-2), tmp_path / "split", resume=True, progress=False)
+    assert split.full_val_loss == full.full_val_loss  # the embedding's group and its moments came back as saved
+    train(config(10, embed_lr=1e-2), tmp_path / "changed", progress=False)
+    for rates in (dict(head_lr=1e-2), {}):  # the head's group where the embedding's was; no group of its own
+        with pytest.raises(CheckpointError, match=r"groups \['embed', 'matrices', 'vectors', 'muon'\].*--embed-lr"):
+            train(config(20, **rates), tmp_path / "changed", resume=True, progress=False)

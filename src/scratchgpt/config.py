@@ -172,6 +172,7 @@ class TrainConfig:
         _require(self.time_budget >= 0, f"time_budget must be >= 0 seconds (0 turns it off), got {self.time_budget}")
         _require(self.max_steps > 0 or self.time_budget > 0, "max_steps must be > 0 unless a --time-budget ends the run")
         _require(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(not self.muon_polar_express or self.optimizer == "muon", "muon_polar_express changes Muon: use it with --optimizer muon")
         _require(self.muon_lr > 0 and 0 <= self.muon_momentum < 1, f"muon_lr must be > 0 and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}")
         _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")

@@ -108,6 +108,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]
     with a larger `vocab_size`, trainable rows for the new tokens. In place; returns the model."""
     if rank < 1:
         raise ConfigError(f"--lora-rank must be >= 1, got {rank}")
+    if (vocab_size or 0) > model.transformer.wte.num_embeddings:
+        refuse_pair_table(model)
     model.requires_grad_(False)
     chosen = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and name.split(".")[-1] in targets and name != "lm_head"]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .errors import CheckpointError
 
 # The quintic Newton-Schulz coefficients of torch.optim.Muon (and of Jordan et al.'s Muon), the same at every step.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -156,7 +157,7 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     # Muon follows the same schedule, as a multiple of it; a peak of 0 (--lr 0) freezes it too.
     muon_scale = cfg.muon_lr / cfg.learning_rate if cfg.learning_rate > 0 else 0.0
     muon = Muon(
-        [{"params": hidden, "lr_scale": muon_scale}],
+        [{"params": hidden, "part": "muon", "lr_scale": muon_scale}],
         lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=True,
         polar_express=cfg.muon_polar_express,
     )
@@ -165,24 +166,36 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
 
 def adamw_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW's groups: the matrices (decayed), then biases and norms (not decayed); with `embed_lr` or
-    `head_lr`, the embeddings or the head get a group of their own first.
+    `head_lr`, the embeddings or the head get a group of their own first. Each is named by its `part`.
 
     Each group's `lr_scale` is its peak rate over `learning_rate`, so all of them follow one schedule.
     Without either rate the groups are the two of earlier runs, whose saved optimizer state resumes."""
-    own_rates = {"transformer.wte.": cfg.embed_lr, "transformer.wpe.": cfg.embed_lr, "transformer.bigram.": cfg.embed_lr,
-                 "lm_head.": cfg.head_lr}
-    scale_of = {prefix: lr / cfg.learning_rate for prefix, lr in own_rates.items() if lr and cfg.learning_rate > 0}
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    matrices, vectors = [], []
+    rate_of = {"embed": cfg.embed_lr, "head": cfg.head_lr}
+    own = {part for part, lr in rate_of.items() if lr and cfg.learning_rate > 0}
+    members: dict[str, list[torch.nn.Parameter]] = {part: [] for part in (*sorted(own), "matrices", "vectors")}
     for name, p in named:
-        prefix = next((pre for pre in scale_of if name.startswith(pre)), None)
-        if p.dim() >= 2 and prefix is not None:
-            groups.setdefault(scale_of[prefix], []).append(p)
-        else:
-            (matrices if p.dim() >= 2 else vectors).append(p)
-    own = [{"params": ps, "weight_decay": cfg.weight_decay, "lr_scale": scale} for scale, ps in groups.items()]
-    return own + [{"params": matrices, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                  {"params": vectors, "weight_decay": 0.0, "lr_scale": 1.0}]
+        part = "head" if name.startswith("lm_head.") else "embed" if name.startswith(EMBEDDINGS) else "matrices"
+        members[part if p.dim() >= 2 and part in own else "matrices" if p.dim() >= 2 else "vectors"].append(p)
+    return [{"params": ps, "part": part, "weight_decay": 0.0 if part == "vectors" else cfg.weight_decay,
+             "lr_scale": rate_of[part] / cfg.learning_rate if part in own else 1.0} for part, ps in members.items()]
+
+
+EMBEDDINGS = ("transformer.wte.", "transformer.wpe.", "transformer.bigram.")  # what `embed_lr` sets the rate of
+
+
+def load_optimizer_state(optimizer, state: dict[str, Any]) -> None:
+    """A resumed run's optimizer state into `optimizer` (built from the run's config now), refused by name if
+    its groups are not the saved ones; the config's rates and settings then apply (`--lr` and the rest may change)."""
+    saved = [g for part in state["parts"] for g in part["param_groups"]] if "parts" in state else state["param_groups"]
+    now = optimizer.param_groups
+    if len(saved) != len(now) or any(s.get("part", n.get("part")) != n.get("part") for s, n in zip(saved, now, strict=True)):
+        raise CheckpointError(f"cannot resume: the saved optimizer has the groups {[g.get('part', '?') for g in saved]}, "
+                              f"this config makes {[g.get('part') for g in now]}: resume with the --embed-lr and "
+                              "--head-lr the run started with")
+    settings = [{k: g[k] for k in ("lr_scale", "polar_express", "weight_decay", "momentum", "betas") if k in g} for g in now]
+    optimizer.load_state_dict(state)
+    for group, chosen in zip(optimizer.param_groups, settings, strict=True):
+        group.update(chosen)
 
 
 MUON_MOMENTUM_START = 0.85  # where a momentum warm-up starts (modded-nanogpt: 0.85 to 0.95 over 300 steps)

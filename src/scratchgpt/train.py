@@ -58,7 +58,13 @@ from .evaluate import EvalResult, EvaluationStopped, progress_bar
 from .files import atomic_write_bytes, sha256_of
 from .lora import add_lora, count_trainable, grow_vocab
 from .model import count_parameters
-from .optim import configure_optimizer, muon_momentum_at, set_learning_rate, set_muon_momentum
+from .optim import (
+    configure_optimizer,
+    load_optimizer_state,
+    muon_momentum_at,
+    set_learning_rate,
+    set_muon_momentum,
+)
 from .plot import plot_run
 from .runlog import TensorBoardLog
 from .sample import generate
@@ -532,7 +538,7 @@ def _model_to_train(start: Start, vocab_size: int, config: Config) -> nn.Module:
 def _restore(run: Run, start: Start) -> None:
     """Continue a resumed run where it stopped: optimizer, random states, counters and clock."""
     state = start.train_state
-    run.optimizer.load_state_dict(start.optimizer_state)
+    load_optimizer_state(run.optimizer, start.optimizer_state)
     _restore_rng(state, run.sampler, run.dist_ctx)
     if "grad_scaler" in state and run.scaler.is_enabled():
         run.scaler.load_state_dict(state["grad_scaler"])

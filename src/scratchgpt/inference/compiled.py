@@ -22,6 +22,7 @@ runs eager; tests/test_compiled.py checks that both give the same text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -74,45 +75,57 @@ class ExportedStep(nn.Module):
 
 class CompiledStep:
     """The model's decoding step as an AOTInductor program, loaded (or built: that needs a C++ compiler)
-    on its first call; eager from then on if that fails, said once."""
+    when an engine first steps; eager from then on if that fails, said once."""
 
     def __init__(self, say: Callable[[str], None] | None = None):
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.failed: str | None = None
-        self.ran = False
-        self._programs: dict[tuple, Callable] = {}  # (rows, dtype) -> the loaded program's run
-        self._cache: KVCache | None = None  # the engine's cache the weights were last read for
+        self._programs: dict[Path, Callable] = {}  # package -> its loaded program
+        self._ran: set[Path] = set()  # the programs that have run: a later failure there is a real error
+        self._engine_cache: Callable[[], KVCache | None] = lambda: None  # the cache the weights were read for
         self._weights: list[torch.Tensor] = []
+        self._path = Path()
+
+    @property
+    def ran(self) -> bool:
+        return bool(self._ran)
 
     def __call__(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
                  length: int | None = None) -> torch.Tensor:
         """The compiled step over every row (`length`, the eager path's shortcut, changes shapes: not used)."""
         if self.failed is not None:
             return eager_step(model, tokens, cache, active)
+        if cache is not self._engine_cache():  # a new engine: its shape, and the weights (a merge may replace them)
+            self._engine_cache = weakref.ref(cache)
+            self._weights = [p.detach() for _, p in model.named_parameters()]
+            self._path = package_path(model, cache)
         try:
-            if cache is not self._cache:  # a new engine: read the weights again (a merge may have replaced them)
-                self._cache, self._weights = cache, [p.detach() for _, p in model.named_parameters()]
-            key = (cache.rows, cache.keys.dtype, cache.keys.device)
-            if key not in self._programs:
-                self._programs[key] = load_program(model, tokens, cache, active, self.say)
-            logits = self._programs[key]([tokens, active, cache.keys, cache.values, cache.lengths, cache.last_tokens,
-                                          *self._weights])
+            program = self._programs.get(self._path)
+            if program is None:
+                program = self._programs[self._path] = load_program(model, tokens, cache, active, self._path, self.say)
+            logits = program([tokens, active, cache.keys, cache.values, cache.lengths, cache.last_tokens, *self._weights])
         except Exception as exc:
-            if self.ran:
+            if self._path in self._ran:
                 raise
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            self.failed = f"{type(exc).__name__}: {first_line}"
-            self.say(f"note: the decoding step could not be compiled ({self.failed}); decoding without it")
+            self._give_up(exc)
             return eager_step(model, tokens, cache, active)
-        self.ran = True
+        self._ran.add(self._path)
         return logits
 
+    def _give_up(self, exc: Exception) -> None:
+        """Decode eager from now on, saying why once; a package that failed to load or run is deleted."""
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        self.failed = f"{type(exc).__name__}: {first_line}"
+        self.say(f"note: the decoding step could not be compiled ({self.failed}); decoding without it")
+        self._programs.pop(self._path, None)
+        if self._path.suffix == ".pt2":
+            self._path.unlink(missing_ok=True)
 
-def load_program(model: nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
+
+def load_program(model: nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor, path: Path,
                  say: Callable[[str], None]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """The step's program for this model's shape and the cache's rows: from disk, or exported and compiled now."""
+    """The step's program for this model's shape and the cache's rows: from `path`, or exported and compiled there now."""
     names = [name for name, _ in model.named_parameters()]
-    path = package_path(model, cache)
     if not path.exists():
         missing = cpp_compiler_missing(tokens.device)
         if missing:
@@ -127,6 +140,8 @@ def load_program(model: nn.Module, tokens: torch.Tensor, cache: KVCache, active:
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
         os.replace(partial, path)  # whole or absent: another process may be loading the same key
         _forget_old_packages(path.parent)
+    else:
+        os.utime(path)  # in use: the newest packages are the ones kept
     return open_package(path, cache.keys.device)
 
 
@@ -139,8 +154,11 @@ def open_package(path: Path, device: torch.device) -> Callable[[list[torch.Tenso
     aoti = getattr(torch._C, "_aoti", None)
     if aoti is not None and hasattr(aoti, "AOTIModelPackageLoader"):
         index = -1 if device.type == "cpu" else (device.index or 0)
-        loader = aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
-        return lambda inputs: loader.run(inputs)[0]
+        try:
+            loader = aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+            return lambda inputs: loader.run(inputs)[0]
+        except TypeError:  # an older torch's loader takes other arguments: the public way
+            pass
     package = torch._inductor.aoti_load_package(str(path))
     return lambda inputs: package(*inputs)
 
@@ -149,18 +167,21 @@ def package_path(model: nn.Module, cache: KVCache) -> Path:
     """Where the package for this model's shape, the cache's rows and dtype, this torch and this code lives."""
     described = {"class": type(model).__name__, "config": asdict(model.config), "rows": cache.rows,
                  "dtype": str(cache.keys.dtype), "device": cache.keys.device.type, "torch": torch.__version__,
-                 "code": _code_digest(), "cpu": _cpu()}
+                 "code": _code_digest(), "cpu": _cpu(),
+                 "gpu": torch.cuda.get_device_capability(cache.keys.device) if cache.keys.device.type == "cuda" else None}
     described["config"].pop("dropout", None)  # no dropout at inference
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return cache_dir() / "decode-steps" / f"{digest}.pt2"
 
 
+@functools.cache
 def _cpu() -> list:
     """The CPU's model and flags: a package built for other vector instructions must not load."""
     name, flags = cpu_info()
     return [name, sorted(flags)]
 
 
+@functools.cache
 def _code_digest() -> str:
     """A digest of the files whose code the step runs: a change to any of them builds a new package."""
     here = Path(__file__).resolve().parent.parent
