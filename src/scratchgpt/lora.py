@@ -126,7 +126,6 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]
 
 
 def _add_new_rows(model: nn.Module, n_new: int) -> None:
-    refuse_pair_table(model)
     wte, head = model.transformer.wte, model.lm_head
     tied = head.weight is wte.weight
     in_rows = nn.Parameter(new_rows_like(wte.weight, n_new))

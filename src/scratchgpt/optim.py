@@ -174,8 +174,15 @@ def adamw_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) 
     own = {part for part, lr in rate_of.items() if lr and cfg.learning_rate > 0}
     members: dict[str, list[torch.nn.Parameter]] = {part: [] for part in (*sorted(own), "matrices", "vectors")}
     for name, p in named:
-        part = "head" if name.startswith("lm_head.") else "embed" if name.startswith(EMBEDDINGS) else "matrices"
-        members[part if p.dim() >= 2 and part in own else "matrices" if p.dim() >= 2 else "vectors"].append(p)
+        if p.dim() < 2:
+            part = "vectors"  # biases and norms
+        elif name.startswith("lm_head.") and "head" in own:
+            part = "head"
+        elif name.startswith(EMBEDDINGS) and "embed" in own:
+            part = "embed"
+        else:
+            part = "matrices"
+        members[part].append(p)
     return [{"params": ps, "part": part, "weight_decay": 0.0 if part == "vectors" else cfg.weight_decay,
              "lr_scale": rate_of[part] / cfg.learning_rate if part in own else 1.0} for part, ps in members.items()]
 

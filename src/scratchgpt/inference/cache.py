@@ -32,24 +32,23 @@ class KVCache:
     def __init__(self, n_layer: int, rows: int, n_head: int, block_size: int, head_size: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (n_layer, rows, n_head, block_size + 1, head_size)  # + 1: the scratch position
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.block_size = block_size
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # positions cached per row
-        self.last_tokens = torch.zeros(rows, dtype=torch.long, device=device)  # each row's last token (bigram_embed)
-        self._key_positions = torch.arange(block_size + 1, device=device)  # (K,)
-        self._all_keys = torch.ones(1, 1, 1, block_size + 1, dtype=torch.bool, device=device)
+        self._hold(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(rows, dtype=torch.long, device=device),  # positions cached per row
+                   torch.zeros(rows, dtype=torch.long, device=device))  # each row's last token (bigram_embed)
         self.decode(torch.zeros(rows, dtype=torch.bool, device=device))
 
     @classmethod
     def over(cls, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, last_tokens: torch.Tensor) -> KVCache:
         """A cache over tensors that already hold its state (an exported step takes them as inputs)."""
         cache = cls.__new__(cls)
-        cache.keys, cache.values, cache.lengths, cache.last_tokens = keys, values, lengths, last_tokens
-        cache.block_size = keys.size(3) - 1  # the last position is the scratch one
-        cache._key_positions = torch.arange(cache.block_size + 1, device=keys.device)
-        cache._all_keys = torch.ones(1, 1, 1, cache.block_size + 1, dtype=torch.bool, device=keys.device)
+        cache._hold(keys, values, lengths, last_tokens)
         return cache
+
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, last_tokens: torch.Tensor) -> None:
+        self.keys, self.values, self.lengths, self.last_tokens = keys, values, lengths, last_tokens
+        self.block_size = keys.size(3) - 1  # the last position is the scratch one
+        self._key_positions = torch.arange(self.block_size + 1, device=keys.device)  # (K,)
+        self._all_keys = torch.ones(1, 1, 1, self.block_size + 1, dtype=torch.bool, device=keys.device)
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int = 1) -> KVCache:
