@@ -31,24 +31,29 @@ class KVCache:
 
     def __init__(self, n_layer: int, rows: int, n_head: int, block_size: int, head_size: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (n_layer, rows, n_head, block_size + 1, head_size)  # + 1: the scratch position
-        self._hold(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+        shape = (rows, n_head, block_size + 1, head_size)  # + 1: the scratch position
+        self._hold([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
                    torch.zeros(rows, dtype=torch.long, device=device),  # positions cached per row
-                   torch.zeros(rows, dtype=torch.long, device=device))  # each row's last token (bigram_embed)
+                   torch.zeros(rows, dtype=torch.long, device=device),  # each row's last token (bigram_embed)
+                   block_size)
         self.decode(torch.zeros(rows, dtype=torch.bool, device=device))
 
     @classmethod
-    def over(cls, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, last_tokens: torch.Tensor) -> KVCache:
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor,
+             last_tokens: torch.Tensor, block_size: int) -> KVCache:
         """A cache over tensors that already hold its state (an exported step takes them as inputs)."""
         cache = cls.__new__(cls)
-        cache._hold(keys, values, lengths, last_tokens)
+        cache._hold(keys, values, lengths, last_tokens, block_size)
         return cache
 
-    def _hold(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, last_tokens: torch.Tensor) -> None:
-        self.keys, self.values, self.lengths, self.last_tokens = keys, values, lengths, last_tokens
-        self.block_size = keys.size(3) - 1  # the last position is the scratch one
-        self._key_positions = torch.arange(self.block_size + 1, device=keys.device)  # (K,)
-        self._all_keys = torch.ones(1, 1, 1, self.block_size + 1, dtype=torch.bool, device=keys.device)
+    def _hold(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor,
+              last_tokens: torch.Tensor, block_size: int) -> None:
+        self.keys, self.values, self.lengths, self.last_tokens = list(keys), list(values), lengths, last_tokens
+        device = lengths.device
+        self.block_size = block_size
+        self._key_positions = torch.arange(self.block_size + 1, device=device)  # (K,)
+        self._all_keys = torch.ones(1, 1, 1, self.block_size + 1, dtype=torch.bool, device=device)
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int = 1) -> KVCache:
@@ -64,6 +69,10 @@ class KVCache:
     @property
     def rows(self) -> int:
         return self.lengths.numel()
+
+    def state(self) -> list[torch.Tensor]:
+        """The tensors that hold what the cache knows: lengths, last tokens, then each layer's keys and values."""
+        return [self.lengths, self.last_tokens, *self.keys, *self.values]
 
     # --- what the next forward pass is ----------------------------------------------------------
 
@@ -86,24 +95,23 @@ class KVCache:
         first = torch.where(active, 0, self.block_size)[:, None]  # an active row sees 0..its length, an idle one scratch
         self.positions = write.clamp(max=self.block_size - 1)  # (rows, 1); an idle row's position is never used
         self.mask = ((self._key_positions >= first) & (self._key_positions <= write)).view(self.rows, 1, 1, -1)  # (rows, 1, 1, K)
-        n_head, head_size = self.keys.shape[2], self.keys.shape[4]
-        self._write = write.view(-1, 1, 1, 1).expand(-1, n_head, 1, head_size)  # where each row's new key goes
+        self._row_index, self._write_at = torch.arange(self.rows, device=active.device), write[:, 0]  # where new keys go
 
     # --- what the model calls --------------------------------------------------------------------
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys and values (B, nh, T, hs); return the keys and values the queries attend over."""
         if self._mode == "prefill":  # the window starts at position 0: its own keys are all there is
-            self.keys[layer, self._rows, :, :self._length] = k
-            self.values[layer, self._rows, :, :self._length] = v
+            self.keys[layer][self._rows, :, :self._length] = k
+            self.values[layer][self._rows, :, :self._length] = v
             return k, v
         if self._mode == "uniform":  # every row at the same position: a slice, and only the positions in use
             end = self._length + 1
-            self.keys[layer, :, :, self._length:end] = k
-            self.values[layer, :, :, self._length:end] = v
-            return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-        self.keys[layer].scatter_(2, self._write, k)  # (rows, nh, 1, hs) into (rows, nh, K, hs) at each row's position
-        self.values[layer].scatter_(2, self._write, v)
+            self.keys[layer][:, :, self._length:end] = k
+            self.values[layer][:, :, self._length:end] = v
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer][self._row_index, :, self._write_at] = k[:, :, 0]  # (rows, nh, hs), each at its row's position
+        self.values[layer][self._row_index, :, self._write_at] = v[:, :, 0]
         return self.keys[layer], self.values[layer]  # (rows, nh, K, hs), masked by `mask`
 
     def previous_tokens(self, idx: torch.Tensor, none: int) -> torch.Tensor:
@@ -128,8 +136,9 @@ class KVCache:
 
     def copy_row(self, source: int, targets: torch.Tensor) -> None:
         """Give rows `targets` the cached positions of row `source`: one prompt's prefill shared by n samples."""
-        self.keys[:, targets] = self.keys[:, source:source + 1].clone()  # (L, 1, nh, K, hs) -> (L, n - 1, nh, K, hs)
-        self.values[:, targets] = self.values[:, source:source + 1].clone()
+        for keys, values in zip(self.keys, self.values, strict=True):  # each layer's (rows, nh, K, hs)
+            keys[targets] = keys[source].clone()
+            values[targets] = values[source].clone()
         self.lengths[targets] = int(self.lengths[source])
         self.last_tokens[targets] = int(self.last_tokens[source])
 

@@ -58,14 +58,19 @@ def eager_step(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, act
 
 class ExportedStep(nn.Module):
     """`eager_step` as a module whose inputs are all tensors: the tokens, the active rows, the cache's state
-    and the model's weights (by `names`), so that torch.export can trace it."""
+    (`KVCache.state`) and the model's weights (by `names`), so that torch.export can trace it.
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    Each layer's keys and values are an input of their own, written in place by an indexed copy
+    (`index_put_`), which inductor keeps in place; a write into a view of one tensor for all layers
+    would be traced as a copy of the whole cache each step."""
+
+    def __init__(self, model: nn.Module, names: list[str], cache: KVCache):
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.layers, self.block_size = model, names, len(cache.keys), cache.block_size
 
-    def forward(self, tokens, active, keys, values, lengths, last_tokens, *weights) -> torch.Tensor:
-        cache = KVCache.over(keys, values, lengths, last_tokens)
+    def forward(self, tokens, active, lengths, last_tokens, *tensors) -> torch.Tensor:
+        keys, values, weights = tensors[:self.layers], tensors[self.layers:2 * self.layers], tensors[2 * self.layers:]
+        cache = KVCache.over(keys, values, lengths, last_tokens, self.block_size)
         cache.decode(active)
         logits = torch.func.functional_call(self.model, dict(zip(self.names, weights, strict=True)), (tokens,),
                                             {"cache": cache})[0][:, -1]
@@ -103,7 +108,7 @@ class CompiledStep:
             program = self._programs.get(self._path)
             if program is None:
                 program = self._programs[self._path] = load_program(model, tokens, cache, active, self._path, self.say)
-            logits = program([tokens, active, cache.keys, cache.values, cache.lengths, cache.last_tokens, *self._weights])
+            logits = program([tokens, active, *cache.state(), *self._weights])
         except Exception as exc:
             if self._path in self._ran:
                 raise
@@ -133,8 +138,8 @@ def load_program(model: nn.Module, tokens: torch.Tensor, cache: KVCache, active:
         say(f"compiling the decoding step once for this model's shape (kept in {path.parent})")
         weights = [p.detach() for _, p in model.named_parameters()]
         with torch.inference_mode(False), torch.no_grad():  # export traces plain tensors: copies, made here
-            inputs = [t.clone() for t in (tokens, active, cache.keys, cache.values, cache.lengths, cache.last_tokens)]
-            program = torch.export.export(ExportedStep(model, names), (*inputs, *weights), strict=False)
+            inputs = [t.clone() for t in (tokens, active, *cache.state())]
+            program = torch.export.export(ExportedStep(model, names, cache), (*inputs, *weights), strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
@@ -142,7 +147,7 @@ def load_program(model: nn.Module, tokens: torch.Tensor, cache: KVCache, active:
         _forget_old_packages(path.parent)
     else:
         os.utime(path)  # in use: the newest packages are the ones kept
-    return open_package(path, cache.keys.device)
+    return open_package(path, cache.lengths.device)
 
 
 def open_package(path: Path, device: torch.device) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -165,10 +170,11 @@ def open_package(path: Path, device: torch.device) -> Callable[[list[torch.Tenso
 
 def package_path(model: nn.Module, cache: KVCache) -> Path:
     """Where the package for this model's shape, the cache's rows and dtype, this torch and this code lives."""
+    weight = next(model.parameters())
     described = {"class": type(model).__name__, "config": asdict(model.config), "rows": cache.rows,
-                 "dtype": str(cache.keys.dtype), "device": cache.keys.device.type, "torch": torch.__version__,
+                 "dtype": str(weight.dtype), "device": weight.device.type, "torch": torch.__version__,
                  "code": _code_digest(), "cpu": _cpu(),
-                 "gpu": torch.cuda.get_device_capability(cache.keys.device) if cache.keys.device.type == "cuda" else None}
+                 "gpu": torch.cuda.get_device_capability(weight.device) if weight.device.type == "cuda" else None}
     described["config"].pop("dropout", None)  # no dropout at inference
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return cache_dir() / "decode-steps" / f"{digest}.pt2"
