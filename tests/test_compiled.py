@@ -43,9 +43,26 @@ def test_the_compiled_step_gives_the_eager_steps_text_through_window_jumps(optio
                 ([6] * 9, SamplingSettings(max_new_tokens=20, temperature=1.0, repetition_penalty=1.3), 2)]
     eager = decode(model, False, requests)
     assert decode(model, True, requests) == eager
-    assert compiled.compiled_step_for(model).ran and compiled.compiled_step_for(model).failed is None
+    step = compiled.compiled_step_for(model)
+    assert step.ran == {"decode", "prefill"} and step.failed is None  # prompts and window jumps prefilled compiled
     reference = [int(ids[0]) for ids in generate_naive(model, torch.tensor([[1, 2, 3]]), 40, temperature=0)]
     assert [ids[0] for ids in eager[0]] == reference
+
+
+def test_the_compiled_prefill_writes_what_the_eager_one_writes_for_any_window_length():
+    model = make_model(position="rope", qk_norm=True)
+    step = compiled.compiled_step_for(model)
+    torch.manual_seed(1)
+    for length in (compiled.MIN_PREFILL, 7, 16):  # one program, its length left free up to block_size
+        tokens, rows = torch.randint(0, VOCAB, (1, length)), torch.tensor([2])
+        eager, built = KVCache.for_model(model, rows=4), KVCache.for_model(model, rows=4)
+        with torch.inference_mode():
+            torch.testing.assert_close(step.prefill(model, tokens, built, rows),
+                                       compiled.eager_prefill(model, tokens, eager, rows))
+        for a, b in zip(built.state(), eager.state(), strict=True):
+            torch.testing.assert_close(a, b)  # keys and values of every layer, lengths, last tokens
+        assert built.lengths.tolist() == [0, 0, length, 0]
+    assert step.ran == {"prefill"} and step.failed is None
 
 
 def test_a_step_that_cannot_compile_runs_eager_and_says_so_once(monkeypatch):

@@ -1,25 +1,25 @@
-"""The engine's decoding step, compiled ahead of time: one C++ program for the cache's masks, the model and the
-cache's advance, built once per model shape and kept on disk.
+"""The engine's cached passes, compiled ahead of time: a decoding step and a prefill, each one C++
+program for the cache's masks, the model and the cache's advance, built once per model shape and
+kept on disk.
 
 Eager PyTorch runs a decoding step as hundreds of small operations, each dispatched from Python
 (views, reshapes, a mask, a write into the cache, dropouts that do nothing at inference); at
 the sizes scratchgpt trains, that overhead costs more than the arithmetic. The step's shapes
 never change (the cache is preallocated, positions are tensors, every row takes part), so
 `torch.export` can trace it once and AOTInductor can compile it into a shared library: no
-Python, no guards and no graph checks between one token and the next. Prefills keep running
-eager: their length varies.
+Python, no guards and no graph checks between one token and the next. A prefill (a new prompt,
+or the window after a jump) is exported with its length left free, for one row.
 
-The package takes the cache's tensors and the model's weights as inputs (the cache's are
+Each package takes the cache's tensors and the model's weights as inputs (the cache's are
 updated in place), so one package serves every checkpoint of a shape, and weights changed in
-place are the ones used. It is keyed by the model's config, the rows, the dtype, the torch
-version and the source of the files that define the step, and kept under the cache directory
+place are the ones used. It is keyed by the pass, the model's config, the rows, the dtype, the
+torch version and the source of the files that define it, and kept under the cache directory
 (`decode-steps/`): the first use compiles (tens of seconds on a laptop), later processes load
 it in a fraction of a second. So it is a choice: `Engine(model, compile=True)`,
 `generate_text(..., compile=True)`, `scratchgpt sample --compile`, `serve --compile`. Where it
 cannot work (no C++ compiler, an operation that cannot be exported) the step says why once and
 runs eager; tests/test_compiled.py checks that both give the same text.
 """
-
 from __future__ import annotations
 
 import functools
@@ -51,95 +51,126 @@ def eager_step(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, act
     `length`: every row takes part at this length (cache.py's eager shortcut); the compiled step never passes it.
     """
     cache.decode(active, length)
-    logits = model(tokens, cache=cache)[0][:, -1]  # (rows, 1) -> (rows, V)
+    return _cached_pass(model, tokens, cache)
+
+
+def eager_prefill(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor) -> torch.Tensor:
+    """A window of tokens (r, T) into cache rows `rows` (r,), from position 0; the last position's logits (r, V)."""
+    cache.prefill(rows, tokens.size(1))
+    return _cached_pass(model, tokens, cache)
+
+
+def _cached_pass(model: Callable, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    logits = model(tokens, cache=cache)[0][:, -1]  # (r, T, V) -> (r, V)
     cache.advance()
     return logits
 
 
-class ExportedStep(nn.Module):
-    """`eager_step` as a module whose inputs are all tensors: the tokens, the active rows, the cache's state
-    (`KVCache.state`) and the model's weights (by `names`), so that torch.export can trace it.
+PASSES = {"decode": eager_step, "prefill": eager_prefill}  # what each kind of program computes
+MIN_PREFILL = 3  # shorter windows prefill eager: export's shapes start at 3 tokens (a pair embedding needs T - 1 > 1)
+
+
+class ExportedPass(nn.Module):
+    """A cached pass (`PASSES[kind]`) as a module whose inputs are all tensors: the tokens, the rows (the active
+    mask, or the rows to prefill), the cache's state (`KVCache.state`) and the model's weights (by `names`),
+    so that torch.export can trace it.
 
     Each layer's keys and values are an input of their own, written in place by an indexed copy
     (`index_put_`), which inductor keeps in place; a write into a view of one tensor for all layers
     would be traced as a copy of the whole cache each step."""
 
-    def __init__(self, model: nn.Module, names: list[str], cache: KVCache):
+    def __init__(self, model: nn.Module, kind: str, cache: KVCache):
         super().__init__()
-        self.model, self.names, self.layers, self.block_size = model, names, len(cache.keys), cache.block_size
+        self.model, self.kind, self.layers, self.block_size = model, kind, len(cache.keys), cache.block_size
+        self.names = [name for name, _ in model.named_parameters()]
 
-    def forward(self, tokens, active, lengths, last_tokens, *tensors) -> torch.Tensor:
+    def forward(self, tokens, rows, lengths, last_tokens, *tensors) -> torch.Tensor:
         keys, values, weights = tensors[:self.layers], tensors[self.layers:2 * self.layers], tensors[2 * self.layers:]
         cache = KVCache.over(keys, values, lengths, last_tokens, self.block_size)
-        cache.decode(active)
-        logits = torch.func.functional_call(self.model, dict(zip(self.names, weights, strict=True)), (tokens,),
-                                            {"cache": cache})[0][:, -1]
-        cache.advance()
-        return logits
+        parameters = dict(zip(self.names, weights, strict=True))
+
+        def model(idx: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return torch.func.functional_call(self.model, parameters, (idx,), {"cache": cache})
+
+        return PASSES[self.kind](model, tokens, cache, rows)
 
 
 class CompiledStep:
-    """The model's decoding step as an AOTInductor program, loaded (or built: that needs a C++ compiler)
-    when an engine first steps; eager from then on if that fails, said once."""
+    """The model's cached passes (a decoding step, a prefill) as AOTInductor programs, loaded (or built: that
+    needs a C++ compiler) when an engine first uses them; eager from then on if that fails, said once."""
 
     def __init__(self, say: Callable[[str], None] | None = None):
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.failed: str | None = None
         self._programs: dict[Path, Callable] = {}  # package -> its loaded program
-        self._ran: set[Path] = set()  # the programs that have run: a later failure there is a real error
+        self._ran: dict[Path, str] = {}  # the programs that have run, and their kind: a later failure there is a real error
         self._engine_cache: Callable[[], KVCache | None] = lambda: None  # the cache the weights were read for
         self._weights: list[torch.Tensor] = []
-        self._path = Path()
+        self._paths: dict[str, Path] = {}
 
     @property
-    def ran(self) -> bool:
-        return bool(self._ran)
+    def ran(self) -> set[str]:
+        """The kinds of pass that have run compiled."""
+        return set(self._ran.values())
 
     def __call__(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
                  length: int | None = None) -> torch.Tensor:
         """The compiled step over every row (`length`, the eager path's shortcut, changes shapes: not used)."""
+        return self._run("decode", model, tokens, cache, active)
+
+    def prefill(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor) -> torch.Tensor:
+        """The compiled prefill of one row's window of MIN_PREFILL tokens or more; eager for other shapes."""
+        if rows.numel() != 1 or tokens.size(1) < MIN_PREFILL:
+            return eager_prefill(model, tokens, cache, rows)
+        return self._run("prefill", model, tokens, cache, rows)
+
+    def _run(self, kind: str, model: nn.Module, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor) -> torch.Tensor:
         if self.failed is not None:
-            return eager_step(model, tokens, cache, active)
+            return PASSES[kind](model, tokens, cache, rows)
         if cache is not self._engine_cache():  # a new engine: its shape, and the weights (a merge may replace them)
             self._engine_cache = weakref.ref(cache)
             self._weights = [p.detach() for _, p in model.named_parameters()]
-            self._path = package_path(model, cache)
+            self._paths = {name: package_path(model, cache, name) for name in PASSES}
+        path = self._paths[kind]
         try:
-            program = self._programs.get(self._path)
+            program = self._programs.get(path)
             if program is None:
-                program = self._programs[self._path] = load_program(model, tokens, cache, active, self._path, self.say)
-            logits = program([tokens, active, *cache.state(), *self._weights])
+                program = self._programs[path] = load_program(model, kind, tokens, cache, rows, path, self.say)
+            logits = program([tokens, rows, *cache.state(), *self._weights])
         except Exception as exc:
-            if self._path in self._ran:
+            if path in self._ran:
                 raise
-            self._give_up(exc)
-            return eager_step(model, tokens, cache, active)
-        self._ran.add(self._path)
+            self._give_up(exc, path)
+            return PASSES[kind](model, tokens, cache, rows)
+        self._ran[path] = kind
         return logits
 
-    def _give_up(self, exc: Exception) -> None:
-        """Decode eager from now on, saying why once; a package that failed to load or run is deleted."""
+    def _give_up(self, exc: Exception, path: Path) -> None:
+        """Run eager from now on, saying why once; a package that failed to load or run is deleted."""
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         self.failed = f"{type(exc).__name__}: {first_line}"
         self.say(f"note: the decoding step could not be compiled ({self.failed}); decoding without it")
-        self._programs.pop(self._path, None)
-        if self._path.suffix == ".pt2":
-            self._path.unlink(missing_ok=True)
+        self._programs.pop(path, None)
+        if path.suffix == ".pt2":
+            path.unlink(missing_ok=True)
 
 
-def load_program(model: nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor, path: Path,
+def load_program(model: nn.Module, kind: str, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor, path: Path,
                  say: Callable[[str], None]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """The step's program for this model's shape and the cache's rows: from `path`, or exported and compiled there now."""
-    names = [name for name, _ in model.named_parameters()]
+    """The `kind` pass's program for this model's shape and the cache's rows: from `path`, or exported and compiled
+    there now (a prefill's window length left free, from MIN_PREFILL to block_size)."""
     if not path.exists():
         missing = cpp_compiler_missing(tokens.device)
         if missing:
             raise RuntimeError(missing)
-        say(f"compiling the decoding step once for this model's shape (kept in {path.parent})")
-        weights = [p.detach() for _, p in model.named_parameters()]
+        say(f"compiling the {kind} step once for this model's shape (kept in {path.parent})")
+        weights = tuple(p.detach() for _, p in model.named_parameters())
         with torch.inference_mode(False), torch.no_grad():  # export traces plain tensors: copies, made here
-            inputs = [t.clone() for t in (tokens, active, *cache.state())]
-            program = torch.export.export(ExportedStep(model, names, cache), (*inputs, *weights), strict=False)
+            inputs = [t.clone() for t in (tokens, rows, *cache.state())]
+            free = {1: torch.export.Dim("T", min=MIN_PREFILL, max=cache.block_size)} if kind == "prefill" else None
+            shapes = (free, None, None, None, (None,) * (len(inputs) - 4 + len(weights)))
+            program = torch.export.export(ExportedPass(model, kind, cache), (*inputs, *weights), dynamic_shapes=shapes,
+                                          strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
@@ -168,10 +199,11 @@ def open_package(path: Path, device: torch.device) -> Callable[[list[torch.Tenso
     return lambda inputs: package(*inputs)
 
 
-def package_path(model: nn.Module, cache: KVCache) -> Path:
-    """Where the package for this model's shape, the cache's rows and dtype, this torch and this code lives."""
+def package_path(model: nn.Module, cache: KVCache, kind: str = "decode") -> Path:
+    """Where the `kind` pass's package for this model's shape, the cache's rows and dtype, this torch and this
+    code lives."""
     weight = next(model.parameters())
-    described = {"class": type(model).__name__, "config": asdict(model.config), "rows": cache.rows,
+    described = {"kind": kind, "class": type(model).__name__, "config": asdict(model.config), "rows": cache.rows,
                  "dtype": str(weight.dtype), "device": weight.device.type, "torch": torch.__version__,
                  "code": _code_digest(), "cpu": _cpu(),
                  "gpu": torch.cuda.get_device_capability(weight.device) if weight.device.type == "cuda" else None}

@@ -44,7 +44,7 @@ from ..device import tick
 from ..errors import ScratchGPTError
 from ..filters import repetition_penalty_filter, top_k_filter, top_p_filter
 from .cache import KVCache
-from .compiled import compiled_step_for, eager_step
+from .compiled import compiled_step_for, eager_prefill, eager_step
 from .text import CompletionChunk, CompletionText
 
 
@@ -210,7 +210,9 @@ class Engine:
         self.free_rows = list(range(rows))
         self.running: list[Request] = []
         self._noise = None  # (rows, V): the race's Exp(1) draws, one row per sample
-        self._step = compiled_step_for(model) if compile else eager_step  # the forward pass of a decoding step
+        compiled = compiled_step_for(model) if compile else None
+        self._step = compiled or eager_step  # the forward pass of a decoding step
+        self._prefill_pass = compiled.prefill if compiled else eager_prefill  # and of a window's prefill
 
     @property
     def rows(self) -> int:
@@ -260,9 +262,7 @@ class Engine:
         """Run the request's window alone into its rows (one row for a new prompt, shared by its samples)."""
         window = torch.tensor([sample[request.start:] for sample in request.tokens], device=self.device)  # (r, T)
         rows = request.rows[:window.size(0)]
-        self.cache.prefill(rows, window.size(1))
-        logits = self.model(window, cache=self.cache)[0][:, -1]  # (r, T) -> (r, V)
-        self.cache.advance()
+        logits = self._prefill_pass(self.model, window, self.cache, rows)  # (r, T) -> (r, V)
         if window.size(0) < request.n:  # a new prompt: its one prefilled row is copied to the other samples
             self.cache.copy_row(int(rows[0]), request.rows[1:])
             logits = logits.expand(request.n, -1)  # (1, V) -> (n, V)
