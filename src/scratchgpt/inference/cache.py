@@ -9,18 +9,19 @@ The engine (engine.py) chooses what the next forward pass is:
 
 - `prefill(rows, T)`: T tokens of a window, at positions 0..T-1, into the given rows; the
   queries see only each other (causal), so the model can use the fused causal kernel;
-- `decode(active)`: one token for every row at once, shape (rows, 1), each at its own
-  position. Rows not `active` (free, or just prefilled) idle: they write to the scratch
-  position and see only it, so the step's shape never changes and rows never mix: a request's
-  arithmetic is the same alone or beside fifteen others. (`decode(active, length=L)`, when
-  every row takes part at the same length L, as one caller's samples do, attends over the
-  L + 1 positions in use only: cheaper eager, but a shape that changes every step, which the
-  compiled step does not use.)
+- `decode(active, span)`: one token for every row at once, shape (rows, 1), each at its own
+  position, attending over the first `span` positions (the longest row's length + 1), so that
+  a step costs what the rows hold, not what the cache could hold. Rows not `active` (free, or
+  just prefilled) idle: they write to the scratch position and their output is never used.
+  Each row sees only its own keys, so rows never mix: a request's arithmetic is the same
+  alone or beside fifteen others.
 
 After the forward pass the engine calls `advance()`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -40,11 +41,11 @@ class KVCache:
         self.decode(torch.zeros(rows, dtype=torch.bool, device=device))
 
     @classmethod
-    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor,
-             last_tokens: torch.Tensor, block_size: int) -> KVCache:
-        """A cache over tensors that already hold its state (an exported step takes them as inputs)."""
+    def over(cls, state: Sequence[torch.Tensor], block_size: int) -> KVCache:
+        """A cache over tensors that already hold its state, in `state()`'s order (an exported pass's inputs)."""
+        lengths, last_tokens, *layers = state
         cache = cls.__new__(cls)
-        cache._hold(keys, values, lengths, last_tokens, block_size)
+        cache._hold(layers[:len(layers) // 2], layers[len(layers) // 2:], lengths, last_tokens, block_size)
         return cache
 
     def _hold(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor,
@@ -53,7 +54,6 @@ class KVCache:
         device = lengths.device
         self.block_size = block_size
         self._key_positions = torch.arange(self.block_size + 1, device=device)  # (K,)
-        self._all_keys = torch.ones(1, 1, 1, self.block_size + 1, dtype=torch.bool, device=device)
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int = 1) -> KVCache:
@@ -82,19 +82,18 @@ class KVCache:
         self.positions = torch.arange(length, device=rows.device).unsqueeze(0)  # (1, T), shared by the rows
         self.mask = None  # the causal triangle: the queries see only each other
 
-    def decode(self, active: torch.Tensor, length: int | None = None) -> None:
-        """The next pass is one token for every row (rows, 1); `active` (rows,) bool says which rows take part, or
-        `length`: all of them, each holding `length` positions."""
+    def decode(self, active: torch.Tensor, span: int | None = None) -> None:
+        """The next pass is one token for every row (rows, 1); `active` (rows,) bool says which rows take part.
+
+        `span`: the queries attend over positions 0..span-1 (at least the longest active row's length + 1;
+        all block_size + 1 if not given).
+        """
         self._mode, self.active = "decode", active
-        if length is not None:
-            self._mode, self._length = "uniform", length
-            self.positions = torch.full((1, 1), length, device=active.device)  # (1, 1), shared by the rows
-            self.mask = self._all_keys[..., :length + 1]  # (1, 1, 1, L + 1): every row sees its past and itself
-            return
+        self._span = self.block_size + 1 if span is None else span
         write = torch.where(active, self.lengths, self.block_size)[:, None]  # (rows, 1): an idle row writes to scratch
-        first = torch.where(active, 0, self.block_size)[:, None]  # an active row sees 0..its length, an idle one scratch
         self.positions = write.clamp(max=self.block_size - 1)  # (rows, 1); an idle row's position is never used
-        self.mask = ((self._key_positions >= first) & (self._key_positions <= write)).view(self.rows, 1, 1, -1)  # (rows, 1, 1, K)
+        # (rows, 1, 1, span): an active row sees 0..its length; an idle one its own old keys, to no use
+        self.mask = (self._key_positions[:self._span] <= write).view(self.rows, 1, 1, self._span)
         self._row_index, self._write_at = torch.arange(self.rows, device=active.device), write[:, 0]  # where new keys go
 
     # --- what the model calls --------------------------------------------------------------------
@@ -105,14 +104,9 @@ class KVCache:
             self.keys[layer][self._rows, :, :self._length] = k
             self.values[layer][self._rows, :, :self._length] = v
             return k, v
-        if self._mode == "uniform":  # every row at the same position: a slice, and only the positions in use
-            end = self._length + 1
-            self.keys[layer][:, :, self._length:end] = k
-            self.values[layer][:, :, self._length:end] = v
-            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
         self.keys[layer][self._row_index, :, self._write_at] = k[:, :, 0]  # (rows, nh, hs), each at its row's position
         self.values[layer][self._row_index, :, self._write_at] = v[:, :, 0]
-        return self.keys[layer], self.values[layer]  # (rows, nh, K, hs), masked by `mask`
+        return self.keys[layer][:, :, :self._span], self.values[layer][:, :, :self._span]  # (rows, nh, span, hs), masked
 
     def previous_tokens(self, idx: torch.Tensor, none: int) -> torch.Tensor:
         """The token before each of idx (B, T), `none` for a window's first; remembers each row's last token."""
@@ -129,8 +123,6 @@ class KVCache:
         """The pass is done: the prefilled rows hold their window, or each active row one more position."""
         if self._mode == "prefill":
             self.lengths[self._rows] = self._length
-        elif self._mode == "uniform":
-            self.lengths.fill_(self._length + 1)
         else:
             self.lengths += self.active
 

@@ -45,12 +45,10 @@ PACKAGES_KEPT = 8  # the newest packages stay in cache_dir()/decode-steps; older
 
 
 def eager_step(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
-               length: int | None = None) -> torch.Tensor:
-    """One decoding step for every row: set the cache up, run the model, advance; last-position logits (rows, V).
-
-    `length`: every row takes part at this length (cache.py's eager shortcut); the compiled step never passes it.
-    """
-    cache.decode(active, length)
+               span: int | None = None) -> torch.Tensor:
+    """One decoding step for every row, attending over the cache's first `span` positions (cache.py): set the
+    cache up, run the model, advance; last-position logits (rows, V)."""
+    cache.decode(active, span)
     return _cached_pass(model, tokens, cache)
 
 
@@ -66,33 +64,48 @@ def _cached_pass(model: Callable, tokens: torch.Tensor, cache: KVCache) -> torch
     return logits
 
 
-PASSES = {"decode": eager_step, "prefill": eager_prefill}  # what each kind of program computes
+KINDS = ("decode", "prefill")
 MIN_PREFILL = 3  # shorter windows prefill eager: export's shapes start at 3 tokens (a pair embedding needs T - 1 > 1)
 
 
 class ExportedPass(nn.Module):
-    """A cached pass (`PASSES[kind]`) as a module whose inputs are all tensors: the tokens, the rows (the active
-    mask, or the rows to prefill), the cache's state (`KVCache.state`) and the model's weights (by `names`),
-    so that torch.export can trace it.
+    """A cached pass as a module whose inputs are all tensors, so that torch.export can trace it:
 
-    Each layer's keys and values are an input of their own, written in place by an indexed copy
-    (`index_put_`), which inductor keeps in place; a write into a view of one tensor for all layers
-    would be traced as a copy of the whole cache each step."""
+    - "decode" (`eager_step`): tokens (rows, 1), the active rows, and a tensor whose size is the span;
+    - "prefill" (`eager_prefill`): tokens (1, T) and the row they fill;
+
+    then the cache's state (`KVCache.state`) and the model's weights. Each layer's keys and values
+    are an input of their own, written in place by an indexed copy (`index_put_`), which inductor
+    keeps in place; a write into a view of one tensor for all layers would be traced as a copy of
+    the whole cache each step."""
 
     def __init__(self, model: nn.Module, kind: str, cache: KVCache):
         super().__init__()
-        self.model, self.kind, self.layers, self.block_size = model, kind, len(cache.keys), cache.block_size
+        self.model, self.kind, self.block_size = model, kind, cache.block_size
         self.names = [name for name, _ in model.named_parameters()]
+        self.lead, self.state_size = (3 if kind == "decode" else 2), len(cache.state())
 
-    def forward(self, tokens, rows, lengths, last_tokens, *tensors) -> torch.Tensor:
-        keys, values, weights = tensors[:self.layers], tensors[self.layers:2 * self.layers], tensors[2 * self.layers:]
-        cache = KVCache.over(keys, values, lengths, last_tokens, self.block_size)
-        parameters = dict(zip(self.names, weights, strict=True))
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        lead, state = tensors[:self.lead], tensors[self.lead:self.lead + self.state_size]
+        cache = KVCache.over(state, self.block_size)
+        parameters = dict(zip(self.names, tensors[self.lead + self.state_size:], strict=True))
 
         def model(idx: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor | None]:
             return torch.func.functional_call(self.model, parameters, (idx,), {"cache": cache})
 
-        return PASSES[self.kind](model, tokens, cache, rows)
+        if self.kind == "decode":
+            tokens, active, span = lead
+            return eager_step(model, tokens, cache, active, span.size(0))
+        tokens, rows = lead
+        return eager_prefill(model, tokens, cache, rows)
+
+    def dynamic_shapes(self) -> tuple:
+        """The sizes left free: a decoding step's span (2 to block_size), a prefill's length (MIN_PREFILL up)."""
+        if self.kind == "decode":
+            lead = (None, None, {0: torch.export.Dim("span", min=2, max=self.block_size)})  # a row holds < block_size
+        else:
+            lead = ({1: torch.export.Dim("T", min=MIN_PREFILL, max=self.block_size)}, None)
+        return (lead + (None,) * (self.state_size + len(self.names)),)
 
 
 class CompiledStep:
@@ -107,6 +120,7 @@ class CompiledStep:
         self._engine_cache: Callable[[], KVCache | None] = lambda: None  # the cache the weights were read for
         self._weights: list[torch.Tensor] = []
         self._paths: dict[str, Path] = {}
+        self._spans = torch.arange(0)  # sliced to a step's span: only its size is read
 
     @property
     def ran(self) -> set[str]:
@@ -114,34 +128,40 @@ class CompiledStep:
         return set(self._ran.values())
 
     def __call__(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
-                 length: int | None = None) -> torch.Tensor:
-        """The compiled step over every row (`length`, the eager path's shortcut, changes shapes: not used)."""
-        return self._run("decode", model, tokens, cache, active)
+                 span: int | None = None) -> torch.Tensor:
+        """The compiled decoding step over every row."""
+        span = cache.block_size if span is None else span  # an active row holds at most block_size - 1 positions
+        return self._run("decode", model, cache, [tokens, active, self._spans[:span]],
+                         lambda: eager_step(model, tokens, cache, active, span))
 
     def prefill(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor) -> torch.Tensor:
         """The compiled prefill of one row's window of MIN_PREFILL tokens or more; eager for other shapes."""
+        eager = lambda: eager_prefill(model, tokens, cache, rows)  # noqa: E731
         if rows.numel() != 1 or tokens.size(1) < MIN_PREFILL:
-            return eager_prefill(model, tokens, cache, rows)
-        return self._run("prefill", model, tokens, cache, rows)
+            return eager()
+        return self._run("prefill", model, cache, [tokens, rows], eager)
 
-    def _run(self, kind: str, model: nn.Module, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor) -> torch.Tensor:
+    def _run(self, kind: str, model: nn.Module, cache: KVCache, lead: list[torch.Tensor],
+             eager: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The `kind` program on these leading inputs (then the cache's state and the weights), or `eager`."""
         if self.failed is not None:
-            return PASSES[kind](model, tokens, cache, rows)
+            return eager()
         if cache is not self._engine_cache():  # a new engine: its shape, and the weights (a merge may replace them)
             self._engine_cache = weakref.ref(cache)
             self._weights = [p.detach() for _, p in model.named_parameters()]
-            self._paths = {name: package_path(model, cache, name) for name in PASSES}
+            self._paths = {name: package_path(model, cache, name) for name in KINDS}
+            self._spans = torch.arange(cache.block_size + 1, device=cache.lengths.device)
         path = self._paths[kind]
         try:
             program = self._programs.get(path)
             if program is None:
-                program = self._programs[path] = load_program(model, kind, tokens, cache, rows, path, self.say)
-            logits = program([tokens, rows, *cache.state(), *self._weights])
+                program = self._programs[path] = load_program(ExportedPass(model, kind, cache), lead, cache, path, self.say)
+            logits = program([*lead, *cache.state(), *self._weights])
         except Exception as exc:
             if path in self._ran:
                 raise
             self._give_up(exc, path)
-            return PASSES[kind](model, tokens, cache, rows)
+            return eager()
         self._ran[path] = kind
         return logits
 
@@ -155,22 +175,19 @@ class CompiledStep:
             path.unlink(missing_ok=True)
 
 
-def load_program(model: nn.Module, kind: str, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor, path: Path,
+def load_program(exported: ExportedPass, lead: list[torch.Tensor], cache: KVCache, path: Path,
                  say: Callable[[str], None]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """The `kind` pass's program for this model's shape and the cache's rows: from `path`, or exported and compiled
-    there now (a prefill's window length left free, from MIN_PREFILL to block_size)."""
+    """The pass's program for this model's shape and the cache's rows: from `path`, or exported and compiled there
+    now (its free sizes left free), traced on these leading inputs."""
     if not path.exists():
-        missing = cpp_compiler_missing(tokens.device)
+        missing = cpp_compiler_missing(cache.lengths.device)
         if missing:
             raise RuntimeError(missing)
-        say(f"compiling the {kind} step once for this model's shape (kept in {path.parent})")
-        weights = tuple(p.detach() for _, p in model.named_parameters())
+        say(f"compiling the {exported.kind} step once for this model's shape (kept in {path.parent})")
+        weights = [p.detach() for _, p in exported.model.named_parameters()]
         with torch.inference_mode(False), torch.no_grad():  # export traces plain tensors: copies, made here
-            inputs = [t.clone() for t in (tokens, rows, *cache.state())]
-            free = {1: torch.export.Dim("T", min=MIN_PREFILL, max=cache.block_size)} if kind == "prefill" else None
-            shapes = (free, None, None, None, (None,) * (len(inputs) - 4 + len(weights)))
-            program = torch.export.export(ExportedPass(model, kind, cache), (*inputs, *weights), dynamic_shapes=shapes,
-                                          strict=False)
+            inputs = tuple(t.clone() for t in (*lead, *cache.state())) + tuple(weights)
+            program = torch.export.export(exported, inputs, dynamic_shapes=exported.dynamic_shapes(), strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial))

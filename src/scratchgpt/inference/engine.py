@@ -275,9 +275,8 @@ class Engine:
             for row, sample in zip(request.row_list, request.tokens, strict=True):
                 last[row], active[row] = sample[-1], True
         tokens = torch.tensor(last, device=self.device).view(-1, 1)  # (rows, 1)
-        lengths = {len(r.tokens[0]) - 1 - r.start for r in batch}  # what each request's rows hold
-        same = lengths.pop() if len(lengths) == 1 and all(active) else None  # every row, one length: cache.py's shortcut
-        logits = self._step(self.model, tokens, self.cache, torch.tensor(active, device=self.device), same)  # (rows, V)
+        span = max(len(r.tokens[0]) - r.start for r in batch)  # the positions the longest row holds, and its new one
+        logits = self._step(self.model, tokens, self.cache, torch.tensor(active, device=self.device), span)  # (rows, V)
         return self._draw(logits, [(request, _rows_index(request)) for request in batch])
 
     def _draw(self, logits: torch.Tensor, groups: list[tuple[Request, Any]]) -> list[Output]:
