@@ -210,6 +210,7 @@ class Engine:
         self.free_rows = list(range(rows))
         self.running: list[Request] = []
         self._noise = None  # (rows, V): the race's Exp(1) draws, one row per sample
+        self._active: tuple[list[bool], torch.Tensor] = ([], torch.zeros(0))  # the last step's active rows, as a tensor
         compiled = compiled_step_for(model) if compile else None
         self._step = compiled or eager_step  # the forward pass of a decoding step
         self._prefill_pass = compiled.prefill if compiled else eager_prefill  # and of a window's prefill
@@ -275,8 +276,10 @@ class Engine:
             for row, sample in zip(request.row_list, request.tokens, strict=True):
                 last[row], active[row] = sample[-1], True
         tokens = torch.tensor(last, device=self.device).view(-1, 1)  # (rows, 1)
+        if active != self._active[0]:  # the rows that take part change only when requests come and go
+            self._active = active, torch.tensor(active, device=self.device)
         span = max(len(r.tokens[0]) - r.start for r in batch)  # the positions the longest row holds, and its new one
-        logits = self._step(self.model, tokens, self.cache, torch.tensor(active, device=self.device), span)  # (rows, V)
+        logits = self._step(self.model, tokens, self.cache, self._active[1], span)  # (rows, V)
         return self._draw(logits, [(request, _rows_index(request)) for request in batch])
 
     def _draw(self, logits: torch.Tensor, groups: list[tuple[Request, Any]]) -> list[Output]:

@@ -106,6 +106,7 @@ class TextStream:
         self.text = ""  # the decoded text, possibly beyond what was released
         self._context = 0  # decoding starts at this token: the one before the newest whole characters
         self._context_text = ""  # what ids[_context:_decoded] decode to
+        self._alone: dict[int, str] = {}  # what a token decodes to on its own, as the next step's context
         self._decoded = 0  # tokens whose text is in self.text
         self.released = 0  # characters of text released so far
         self.released_tokens = 0
@@ -148,8 +149,10 @@ class TextStream:
             return ""
         new = pieces[len(self._context_text):]
         self.text += new
-        self._context = len(self.ids) - 1
-        self._context_text = self.tokenizer.decode(self.ids[self._context:])
+        self._context, last = len(self.ids) - 1, self.ids[-1]
+        if last not in self._alone:
+            self._alone[last] = self.tokenizer.decode([last])
+        self._context_text = self._alone[last]
         self._decoded = len(self.ids)
         return new
 
