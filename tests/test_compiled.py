@@ -91,18 +91,29 @@ def test_a_model_of_the_same_shape_loads_the_built_program_and_runs_its_own_weig
     eager = decode(other, False, requests)
     assert decode(other, True, requests) == eager != decode(first, False, requests)
     assert not built and compiled.compiled_step_for(other).failed is None  # loaded from disk, never exported
-    assert len(list(compiled.package_path(other, KVCache.for_model(other, rows=4)).parent.glob("*.pt2"))) >= 1
+    assert len(list(compiled.package_path(other).parent.glob("*.pt2"))) >= 1
+
+    one_row = Engine(other, rows=1, compile=True)  # any number of rows: the same programs, nothing built
+    greedy = SamplingSettings(max_new_tokens=20, temperature=0)
+    request = Request([4, 5, 6], greedy, None)
+    ids = [one_row.start(request).ids]
+    while one_row.running:
+        ids += [output.ids for output in one_row.step()]
+    assert ids == decode(other, False, [([4, 5, 6], greedy, 0)])[0]
+    assert not built and compiled.compiled_step_for(other).failed is None
 
 
-def test_a_second_shape_that_cannot_be_built_runs_eager_while_the_first_stays_compiled(monkeypatch):
+def test_a_second_dtype_that_cannot_be_built_runs_eager_and_says_so_once(monkeypatch):
     model = make_model(position="rope", qk_norm=True)
     requests = [([1, 2, 3], SamplingSettings(max_new_tokens=20, temperature=0), 0)]
-    decode(model, True, requests)  # four rows: built, or loaded from an earlier test's build
+    decode(model, True, requests)  # built, or loaded from an earlier test's build
     step = compiled.compiled_step_for(model)
+    assert step.ran == {"decode", "prefill"}
     said = []
     monkeypatch.setattr(step, "say", said.append)
     monkeypatch.setattr(compiled, "load_program", lambda *args: 1 / 0)
-    engine = Engine(model, rows=2, compile=True)  # two rows: another program, which now fails to build
+    model.double()  # another dtype: other programs, which now fail to build
+    engine = Engine(model, rows=2, compile=True)
     request = Request([1, 2, 3], SamplingSettings(max_new_tokens=20, temperature=0), torch.Generator().manual_seed(0))
     ids = [engine.start(request).ids]
     while engine.running:

@@ -100,12 +100,27 @@ class ExportedPass(nn.Module):
         return eager_prefill(model, tokens, cache, rows)
 
     def dynamic_shapes(self) -> tuple:
-        """The sizes left free: a decoding step's span (2 to block_size), a prefill's length (MIN_PREFILL up)."""
+        """The sizes left free: the cache's rows, a decoding step's span (2 to block_size: a row holds fewer than
+        block_size positions), a prefill's length (MIN_PREFILL up). A free row count also lays a single row out
+        as a matrix product can read it: a fixed size of 1 gets a stride of 0, which it copies first."""
+        rows = torch.export.Dim("rows", min=1)
         if self.kind == "decode":
-            lead = (None, None, {0: torch.export.Dim("span", min=2, max=self.block_size)})  # a row holds < block_size
+            lead = ({0: rows}, {0: rows}, {0: torch.export.Dim("span", min=2, max=self.block_size)})
         else:
             lead = ({1: torch.export.Dim("T", min=MIN_PREFILL, max=self.block_size)}, None)
-        return (lead + (None,) * (self.state_size + len(self.names)),)
+        return (lead + ({0: rows},) * self.state_size + (None,) * len(self.names),)
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """What to trace on: a cache of two rows (a size of 1 would be taken for a constant), a span of 2 or a
+        window of MIN_PREFILL tokens, and the model's weights."""
+        cache = KVCache.for_model(self.model, rows=2)
+        device = cache.lengths.device
+        if self.kind == "decode":
+            lead = (torch.zeros(2, 1, dtype=torch.long, device=device), torch.ones(2, dtype=torch.bool, device=device),
+                    torch.arange(2, device=device))
+        else:
+            lead = (torch.zeros(1, MIN_PREFILL, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
+        return (*lead, *cache.state(), *(p.detach() for _, p in self.model.named_parameters()))
 
 
 class CompiledStep:
@@ -149,13 +164,13 @@ class CompiledStep:
         if cache is not self._engine_cache():  # a new engine: its shape, and the weights (a merge may replace them)
             self._engine_cache = weakref.ref(cache)
             self._weights = [p.detach() for _, p in model.named_parameters()]
-            self._paths = {name: package_path(model, cache, name) for name in KINDS}
+            self._paths = {name: package_path(model, name) for name in KINDS}
             self._spans = torch.arange(cache.block_size + 1, device=cache.lengths.device)
         path = self._paths[kind]
         try:
             program = self._programs.get(path)
             if program is None:
-                program = self._programs[path] = load_program(ExportedPass(model, kind, cache), lead, cache, path, self.say)
+                program = self._programs[path] = load_program(ExportedPass(model, kind, cache), path, self.say)
             logits = program([*lead, *cache.state(), *self._weights])
         except Exception as exc:
             if path in self._ran:
@@ -175,18 +190,17 @@ class CompiledStep:
             path.unlink(missing_ok=True)
 
 
-def load_program(exported: ExportedPass, lead: list[torch.Tensor], cache: KVCache, path: Path,
-                 say: Callable[[str], None]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """The pass's program for this model's shape and the cache's rows: from `path`, or exported and compiled there
-    now (its free sizes left free), traced on these leading inputs."""
+def load_program(exported: ExportedPass, path: Path, say: Callable[[str], None]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The pass's program for this model's shape: from `path`, or exported and compiled there now, its free sizes
+    left free."""
+    device = next(exported.model.parameters()).device
     if not path.exists():
-        missing = cpp_compiler_missing(cache.lengths.device)
+        missing = cpp_compiler_missing(device)
         if missing:
             raise RuntimeError(missing)
         say(f"compiling the {exported.kind} step once for this model's shape (kept in {path.parent})")
-        weights = [p.detach() for _, p in exported.model.named_parameters()]
-        with torch.inference_mode(False), torch.no_grad():  # export traces plain tensors: copies, made here
-            inputs = tuple(t.clone() for t in (*lead, *cache.state())) + tuple(weights)
+        with torch.inference_mode(False), torch.no_grad():  # export traces plain tensors, made here
+            inputs = exported.example_inputs()
             program = torch.export.export(exported, inputs, dynamic_shapes=exported.dynamic_shapes(), strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
@@ -195,7 +209,7 @@ def load_program(exported: ExportedPass, lead: list[torch.Tensor], cache: KVCach
         _forget_old_packages(path.parent)
     else:
         os.utime(path)  # in use: the newest packages are the ones kept
-    return open_package(path, cache.lengths.device)
+    return open_package(path, device)
 
 
 def open_package(path: Path, device: torch.device) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -216,11 +230,11 @@ def open_package(path: Path, device: torch.device) -> Callable[[list[torch.Tenso
     return lambda inputs: package(*inputs)
 
 
-def package_path(model: nn.Module, cache: KVCache, kind: str = "decode") -> Path:
-    """Where the `kind` pass's package for this model's shape, the cache's rows and dtype, this torch and this
+def package_path(model: nn.Module, kind: str = "decode") -> Path:
+    """Where the `kind` pass's package for this model's shape and dtype (any number of rows), this torch and this
     code lives."""
     weight = next(model.parameters())
-    described = {"kind": kind, "class": type(model).__name__, "config": asdict(model.config), "rows": cache.rows,
+    described = {"kind": kind, "class": type(model).__name__, "config": asdict(model.config),
                  "dtype": str(weight.dtype), "device": weight.device.type, "torch": torch.__version__,
                  "code": _code_digest(), "cpu": _cpu(),
                  "gpu": torch.cuda.get_device_capability(weight.device) if weight.device.type == "cuda" else None}
