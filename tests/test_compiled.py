@@ -45,6 +45,7 @@ def test_the_compiled_step_gives_the_eager_steps_text_through_window_jumps(optio
     assert decode(model, True, requests) == eager
     step = compiled.compiled_step_for(model)
     assert step.ran == {"decode", "prefill"} and step.failed is None  # prompts and window jumps prefilled compiled
+    assert all(m.use_sdpa for m in model.modules() if hasattr(m, "use_sdpa"))  # traced written out, left fused
     reference = [int(ids[0]) for ids in generate_naive(model, torch.tensor([[1, 2, 3]]), 40, temperature=0)]
     assert [ids[0] for ids in eager[0]] == reference
 
