@@ -66,6 +66,20 @@ def test_the_compiled_prefill_writes_what_the_eager_one_writes_for_any_window_le
     assert step.ran == {"prefill"} and step.failed is None
 
 
+def test_the_first_compiled_step_after_an_eager_prefill_attends_over_what_the_cache_holds():
+    model = make_model(position="rope", qk_norm=True)
+    step = compiled.compiled_step_for(model)  # fresh: this engine's first compiled pass is a decoding step
+    rows, active = torch.tensor([0]), torch.ones(1, dtype=torch.bool)
+    eager, built = KVCache.for_model(model, rows=1), KVCache.for_model(model, rows=1)
+    with torch.inference_mode():
+        step.prefill(model, torch.tensor([[3]]), built, rows)  # one token: shorter than MIN_PREFILL, eager
+        compiled.eager_prefill(model, torch.tensor([[3]]), eager, rows)
+        for position, token in enumerate([5, 1, 8], start=2):
+            torch.testing.assert_close(step(model, torch.tensor([[token]]), built, active, position),
+                                       compiled.eager_step(model, torch.tensor([[token]]), eager, active, position))
+    assert step.ran == {"decode"}
+
+
 def test_a_step_that_cannot_compile_runs_eager_and_says_so_once(monkeypatch):
     model = make_model()
     said = []

@@ -145,10 +145,15 @@ class CompiledStep:
 
     def __call__(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
                  span: int | None = None) -> torch.Tensor:
-        """The compiled decoding step over every row."""
+        """The compiled decoding step over every row; eager for a span the program was not built for (the
+        program does not check its inputs' sizes)."""
         span = cache.block_size if span is None else span  # an active row holds at most block_size - 1 positions
-        return self._run("decode", model, cache, [tokens, active, self._spans[:span]],
-                         lambda: eager_step(model, tokens, cache, active, span))
+        eager = lambda: eager_step(model, tokens, cache, active, span)  # noqa: E731
+        if not 2 <= span <= cache.block_size:
+            return eager()
+        if self._spans.numel() != cache.block_size + 1 or self._spans.device != cache.lengths.device:
+            self._spans = torch.arange(cache.block_size + 1, device=cache.lengths.device)
+        return self._run("decode", model, cache, [tokens, active, self._spans[:span]], eager)
 
     def prefill(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor) -> torch.Tensor:
         """The compiled prefill of one row's window of MIN_PREFILL tokens or more; eager for other shapes."""
@@ -166,7 +171,6 @@ class CompiledStep:
             self._engine_cache = weakref.ref(cache)
             self._weights = [p.detach() for _, p in model.named_parameters()]
             self._paths = {name: package_path(model, name) for name in KINDS}
-            self._spans = torch.arange(cache.block_size + 1, device=cache.lengths.device)
         path = self._paths[kind]
         try:
             program = self._programs.get(path)
