@@ -460,3 +460,11 @@ def test_serve_exits_non_zero_once_its_engine_is_gone(checkpoint, monkeypatch, c
     assert serve_main(checkpoint, "--in-process") == 1
     err = capsys.readouterr().err
     assert "stopped unexpectedly" in err and "so that its supervisor can start it again" in err
+
+
+@pytest.mark.parametrize("flags, compiled", [([], False), (["--compile"], True)])
+def test_serve_compile_flag_reaches_the_engine(checkpoint, monkeypatch, flags, compiled):
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda *args, **kwargs: seen.update(kwargs))
+    assert serve_main(checkpoint, *flags) == 0
+    assert seen["batching"].compile is compiled

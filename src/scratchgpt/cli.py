@@ -377,6 +377,9 @@ def _add_serve_parser(commands) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run the model in the server's own process instead of a second one (they then share one "
                         "Python interpreter lock: slower with many clients, one process less)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decoding step as one compiled program (built once per model shape, tens of seconds, "
+                        "then loaded from disk): faster tokens, a slower first start")
     _add_device_flags(p)
 
 
@@ -778,7 +781,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ScratchGPTError(f"--header-timeout must be a number of seconds > 0, got {args.header_timeout}")
     if not 0 < args.request_timeout < math.inf:
         raise ScratchGPTError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
-    batching = BatchingLimits(args.slots, args.max_waiting, args.request_timeout, own_process=not args.in_process)
+    batching = BatchingLimits(args.slots, args.max_waiting, args.request_timeout, own_process=not args.in_process,
+                              compile=args.compile)
     serve(args.checkpoint, args.host, args.port, args.max_tokens_cap, args.device, api_key=keys,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, drain_seconds=args.drain_seconds,
           batching=batching, allowed_origins=args.allowed_origins, tls=tls, max_connections=args.max_connections,

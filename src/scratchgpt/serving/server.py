@@ -372,7 +372,7 @@ class BatchingLimits:
     max_waiting: int = DEFAULT_MAX_WAITING
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     own_process: bool = False
-    compile: bool = False  # the engine's step compiled (inference/compiled.py); measured slower at 16 rows on 2 CPU cores
+    compile: bool = False  # the engine's passes compiled (inference/compiled.py, `serve --compile`): built once per shape
 
 
 def server_state(request: Request) -> ServerState:
