@@ -106,7 +106,7 @@ class TextStream:
         self.text = ""  # the decoded text, possibly beyond what was released
         self._context = 0  # decoding starts at this token: the one before the newest whole characters
         self._context_text = ""  # what ids[_context:_decoded] decode to
-        self._alone: dict[int, str] = {}  # what a token decodes to on its own, as the next step's context
+        self._known: dict[tuple[int, ...], str] = {}  # what one token, or a token and its context, decode to
         self._decoded = 0  # tokens whose text is in self.text
         self.released = 0  # characters of text released so far
         self.released_tokens = 0
@@ -141,7 +141,7 @@ class TextStream:
     def _decode_new(self, force: bool = False) -> str:
         """Decode the tokens not yet in the text, with one token of context before them (a tokenizer may spell a
         token differently at the start of a text); wait while they end in an unfinished character. The new text."""
-        pieces = self.tokenizer.decode(self.ids[self._context:])
+        pieces = self._decode(self.ids[self._context:])
         waiting = len(self.ids) - self._decoded
         if pieces.endswith("\ufffd") and waiting < MAX_PENDING_TOKENS and not force:
             return ""
@@ -149,12 +149,19 @@ class TextStream:
             return ""
         new = pieces[len(self._context_text):]
         self.text += new
-        self._context, last = len(self.ids) - 1, self.ids[-1]
-        if last not in self._alone:
-            self._alone[last] = self.tokenizer.decode([last])
-        self._context_text = self._alone[last]
+        self._context = len(self.ids) - 1
+        self._context_text = self._decode(self.ids[self._context:])
         self._decoded = len(self.ids)
         return new
+
+    def _decode(self, ids: list[int]) -> str:
+        """The tokenizer's decode, remembered for one token or two (the new token and its context, most steps)."""
+        if len(ids) > 2:
+            return self.tokenizer.decode(ids)
+        key = tuple(ids)
+        if key not in self._known:
+            self._known[key] = self.tokenizer.decode(ids)
+        return self._known[key]
 
     def finish(self, reason: str = "length") -> TextChunk:
         """End the text (the token budget ran out): release everything still held."""
