@@ -80,6 +80,17 @@ def test_the_first_compiled_step_after_an_eager_prefill_attends_over_what_the_ca
     assert step.ran == {"decode"}
 
 
+def test_the_bigram_takes_the_same_compiled_path():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model_type="bigram", vocab_size=VOCAB, block_size=16)).eval()
+    with torch.no_grad():
+        model.logits_table.weight.mul_(100)  # far from ties
+    requests = [([1, 2, 3], SamplingSettings(max_new_tokens=30, temperature=0.9), 4),
+                ([5], SamplingSettings(max_new_tokens=25, temperature=0), 5)]
+    assert decode(model, True, requests) == decode(model, False, requests)
+    assert compiled.compiled_step_for(model).ran == {"decode", "prefill"}
+
+
 def test_a_step_that_cannot_compile_runs_eager_and_says_so_once(monkeypatch):
     model = make_model()
     said = []
