@@ -51,9 +51,9 @@ class KVCache:
     def _hold(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor,
               last_tokens: torch.Tensor, block_size: int) -> None:
         self.keys, self.values, self.lengths, self.last_tokens = list(keys), list(values), lengths, last_tokens
-        device = lengths.device
         self.block_size = block_size
-        self._key_positions = torch.arange(self.block_size + 1, device=device)  # (K,)
+        self.key_positions = torch.arange(block_size + 1, device=lengths.device)  # (K,): a decoding step reads [:span]
+        self._row_index = torch.arange(lengths.numel(), device=lengths.device)  # (rows,): each row's own cache row
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int = 1) -> KVCache:
@@ -93,8 +93,8 @@ class KVCache:
         write = torch.where(active, self.lengths, self.block_size)[:, None]  # (rows, 1): an idle row writes to scratch
         self.positions = write.clamp(max=self.block_size - 1)  # (rows, 1); an idle row's position is never used
         # (rows, 1, 1, span): an active row sees 0..its length; an idle one its own old keys, to no use
-        self.mask = (self._key_positions[:self._span] <= write).view(self.rows, 1, 1, self._span)
-        self._row_index, self._write_at = torch.arange(self.rows, device=active.device), write[:, 0]  # where new keys go
+        self.mask = (self.key_positions[:self._span] <= write).view(self.rows, 1, 1, self._span)
+        self._write_at = write[:, 0]  # where each row's new key goes
 
     # --- what the model calls --------------------------------------------------------------------
 

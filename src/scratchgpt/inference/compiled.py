@@ -136,7 +136,6 @@ class CompiledStep:
         self._engine_cache: Callable[[], KVCache | None] = lambda: None  # the cache the weights were read for
         self._weights: list[torch.Tensor] = []
         self._paths: dict[str, Path] = {}
-        self._spans = torch.arange(0)  # sliced to a step's span: only its size is read
 
     @property
     def ran(self) -> set[str]:
@@ -151,9 +150,8 @@ class CompiledStep:
         eager = lambda: eager_step(model, tokens, cache, active, span)  # noqa: E731
         if not 2 <= span <= cache.block_size:
             return eager()
-        if self._spans.numel() != cache.block_size + 1 or self._spans.device != cache.lengths.device:
-            self._spans = torch.arange(cache.block_size + 1, device=cache.lengths.device)
-        return self._run("decode", model, cache, [tokens, active, self._spans[:span]], eager)
+        span_tensor = cache.key_positions[:span]  # the program reads only its size
+        return self._run("decode", model, cache, [tokens, active, span_tensor], eager)
 
     def prefill(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor) -> torch.Tensor:
         """The compiled prefill of one row's window of MIN_PREFILL tokens or more; eager for other shapes."""
