@@ -145,6 +145,21 @@ def test_the_engine_prefills_once_per_window_jump():
     assert seen == [(1, 3)] + [(1, 1)] * 5 + [(1, 6)] + [(1, 1)] * 2 + [(1, 6)]
 
 
+def test_every_pass_runs_in_inference_mode_whether_or_not_the_caller_holds_it():
+    model = make_gpt()
+    modes = []
+    model.transformer.wte.register_forward_hook(lambda *args: modes.append(torch.is_inference_mode_enabled()))
+    for held in (False, True):
+        engine = Engine(model, rows=1)
+        request = Request([1, 2, 3], SamplingSettings(max_new_tokens=3, temperature=0), None)
+        with torch.inference_mode(held):
+            engine.start(request)
+            while engine.running:
+                engine.step()
+            assert torch.is_inference_mode_enabled() == held  # the caller's mode, as it was
+    assert modes == [True] * 6  # a prefill and two steps, twice
+
+
 def test_the_bigram_takes_the_same_path_and_agrees_with_the_reference():
     torch.manual_seed(0)
     model = Bigram(ModelConfig(model_type="bigram", vocab_size=VOCAB, block_size=8)).eval()

@@ -638,6 +638,8 @@ SAMPLE_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperat
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
     from .checkpoint import load_checkpoint
     from .device import resolve_device
     from .inference.engine import SamplingSettings
@@ -657,13 +659,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # The samples are decoded together in one batch: the first streams, the others print at the end.
     others: list[list[str]] = [[] for _ in range(args.num_samples)]
     sys.stdout.write(args.prompt)
-    for chunks in stream_completion(model, tokenizer, args.prompt, settings, compile=args.compile):
-        for chunk in chunks:
-            if chunk.index == 0:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            else:
-                others[chunk.index].append(chunk.text)
+    with torch.inference_mode():  # held for the whole loop, so that no step enters it again (engine.py)
+        for chunks in stream_completion(model, tokenizer, args.prompt, settings, compile=args.compile):
+            for chunk in chunks:
+                if chunk.index == 0:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                else:
+                    others[chunk.index].append(chunk.text)
     for texts in others[1:]:
         sys.stdout.write("\n---\n" + args.prompt + "".join(texts))
     sys.stdout.write("\n")

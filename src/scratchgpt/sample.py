@@ -104,7 +104,8 @@ def generate_text(
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=use_cache)
     chunks = stream_completion(model, tokenizer, prompt, settings, compile=compile)
-    return "".join(chunk.text for step in chunks for chunk in step)
+    with torch.inference_mode():  # held for the whole loop, so that no step enters it again (engine.py)
+        return "".join(chunk.text for step in chunks for chunk in step)
 
 
 def stream_completion(model: torch.nn.Module, tokenizer, prompt: str, settings: SamplingSettings,

@@ -54,6 +54,7 @@ class KVCache:
         self.block_size = block_size
         self.key_positions = torch.arange(block_size + 1, device=lengths.device)  # (K,): a decoding step reads [:span]
         self._row_index = torch.arange(lengths.numel(), device=lengths.device)  # (rows,): each row's own cache row
+        self._spans: dict[int, torch.Tensor] = {}  # span -> key_positions[:span], made once
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int = 1) -> KVCache:
@@ -69,6 +70,13 @@ class KVCache:
     @property
     def rows(self) -> int:
         return self.lengths.numel()
+
+    def span_positions(self, span: int) -> torch.Tensor:
+        """Positions 0..span-1 (span,): a compiled decoding step's input whose size is its span, one view per span,
+        made once (a slice is a tensor operation, and each one costs a small model's token microseconds)."""
+        if span not in self._spans:
+            self._spans[span] = self.key_positions[:span]
+        return self._spans[span]
 
     def state(self) -> list[torch.Tensor]:
         """The tensors that hold what the cache knows: lengths, last tokens, then each layer's keys and values."""

@@ -135,7 +135,8 @@ class CompiledStep:
         self._ran: dict[Path, str] = {}  # the programs that have run, and their kind: a later failure there is a real error
         self._engine_cache: Callable[[], KVCache | None] = lambda: None  # the cache the weights were read for
         self._weights: list[torch.Tensor] = []
-        self._paths: dict[str, Path] = {}
+        self._paths: dict[str, Path] = {}  # the engine's package of each kind
+        self._running: dict[str, Callable] = {}  # the engine's programs that have run, by kind
 
     @property
     def ran(self) -> set[str]:
@@ -150,7 +151,7 @@ class CompiledStep:
         eager = lambda: eager_step(model, tokens, cache, active, span)  # noqa: E731
         if not 2 <= span <= cache.block_size:
             return eager()
-        span_tensor = cache.key_positions[:span]  # the program reads only its size
+        span_tensor = cache.span_positions(span)  # the program reads only its size
         return self._run("decode", model, cache, [tokens, active, span_tensor], eager)
 
     def prefill(self, model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor) -> torch.Tensor:
@@ -169,6 +170,15 @@ class CompiledStep:
             self._engine_cache = weakref.ref(cache)
             self._weights = [p.detach() for _, p in model.named_parameters()]
             self._paths = {name: package_path(model, name) for name in KINDS}
+            self._running = {}
+        program = self._running.get(kind)
+        if program is not None:  # it has run for this engine: a failure now is a real error
+            return program([*lead, *cache.state(), *self._weights])
+        return self._first_run(kind, model, cache, lead, eager)
+
+    def _first_run(self, kind: str, model: nn.Module, cache: KVCache, lead: list[torch.Tensor],
+                   eager: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Load (or build) the program and run it; eager from now on if that fails where it never ran before."""
         path = self._paths[kind]
         try:
             program = self._programs.get(path)
@@ -181,6 +191,7 @@ class CompiledStep:
             self._give_up(exc, path)
             return eager()
         self._ran[path] = kind
+        self._running[kind] = program
         return logits
 
     def _give_up(self, exc: Exception, path: Path) -> None:

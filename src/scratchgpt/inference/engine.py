@@ -32,6 +32,7 @@ arithmetic into NaN) ends with its own `SamplingError`; every other request goes
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -183,6 +184,19 @@ class Request:
         return self.text.finish(reason) if self.text is not None and reason else []
 
 
+def _in_inference_mode(method):
+    """Run an engine method in inference mode, entering it only if the caller has not: entering and leaving it
+    costs about 15 us a step once a pass has flushed the CPU's caches (a tenth of a small model's token), so the
+    loops that step an engine hold it."""
+    @functools.wraps(method)
+    def in_mode(self, *args):
+        if torch.is_inference_mode_enabled():
+            return method(self, *args)
+        with torch.inference_mode():
+            return method(self, *args)
+    return in_mode
+
+
 @dataclass
 class Output:
     """What one step made of a request: each sample's new token, the text that became final, the end."""
@@ -210,6 +224,8 @@ class Engine:
         self.free_rows = list(range(rows))
         self.running: list[Request] = []
         self._noise = None  # (rows, V): the race's Exp(1) draws, one row per sample
+        self._tokens = torch.zeros(rows, 1, dtype=torch.long)  # each row's newest token, on the host
+        self._token_slots = self._tokens.numpy()  # the same memory, written without a tensor operation per token
         self._active: tuple[list[bool], torch.Tensor] = ([], torch.zeros(0))  # the last step's active rows, as a tensor
         compiled = compiled_step_for(model) if compile else None
         self._step = compiled or eager_step  # the forward pass of a decoding step
@@ -222,7 +238,7 @@ class Engine:
     def can_start(self, request: Request) -> bool:
         return len(self.free_rows) >= request.n
 
-    @torch.inference_mode()
+    @_in_inference_mode
     def start(self, request: Request) -> Output:
         """Give the request its rows, prefill its prompt's window and draw its first tokens."""
         if request.n > self.rows:
@@ -235,7 +251,7 @@ class Engine:
         self.running.append(request)
         return self._prefill(request)
 
-    @torch.inference_mode()
+    @_in_inference_mode
     def step(self) -> list[Output]:
         """One token for every running request (a prefill for those whose window jumps); finished ones leave."""
         tick()  # the CPU thread count follows the machine's load (device.py)
@@ -271,11 +287,11 @@ class Engine:
 
     def _decode(self, batch: list[Request]) -> list[Output]:
         """One forward pass at shape (rows, 1): each running sample's newest token; idle rows wait."""
-        last, active = [0] * self.rows, [False] * self.rows
+        active = [False] * self.rows
         for request in batch:
             for row, sample in zip(request.row_list, request.tokens, strict=True):
-                last[row], active[row] = sample[-1], True
-        tokens = torch.tensor(last, device=self.device).view(-1, 1)  # (rows, 1)
+                self._token_slots[row, 0], active[row] = sample[-1], True
+        tokens = self._tokens.to(self.device)  # (rows, 1): on a CPU, the same tensor every step
         if active != self._active[0]:  # the rows that take part change only when requests come and go
             self._active = active, torch.tensor(active, device=self.device)
         span = max(len(r.tokens[0]) - r.start for r in batch)  # the positions the longest row holds, and its new one
