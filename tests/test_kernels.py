@@ -1,5 +1,7 @@
 """The fast CPU kernels (kernels.py) compute what the plain layers compute, and build_model swaps them in."""
 
+import json
+
 import pytest
 import torch
 
@@ -9,6 +11,13 @@ from scratchgpt.inference.cache import KVCache
 from scratchgpt.model import GPT
 from scratchgpt.modern import ModernGPT
 from scratchgpt.speed import kernels
+from scratchgpt.speed.choices import choices_file
+
+
+@pytest.fixture
+def row_path(monkeypatch):
+    """The row path chosen, whatever this machine's probe says."""
+    monkeypatch.setattr(kernels, "row_path_wins", lambda threads: True)
 
 
 def small(**kw) -> ModelConfig:
@@ -18,7 +27,7 @@ def small(**kw) -> ModelConfig:
 
 
 @pytest.mark.parametrize("options", [{}, dict(position="rope", norm="rmsnorm", qk_norm=True, activation="relu2")])
-def test_build_model_swaps_the_kernels_in_and_decodes_like_the_plain_model(options, monkeypatch):
+def test_build_model_swaps_the_kernels_in_and_decodes_like_the_plain_model(options, monkeypatch, row_path):
     """Same state dict, same logits for a full pass and for cached one-token steps (where the row path runs)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the row path needs more than one block
     torch.manual_seed(0)
@@ -68,7 +77,7 @@ def test_cpu_bf16_autocast_attends_in_float32(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(1, 1, 48), (3, 1, 48), (2, 4, 48), (48,), (9, 48)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_row_path_equals_f_linear(shape, bias, monkeypatch):
+def test_linear_row_path_equals_f_linear(shape, bias, monkeypatch, row_path):
     """The few-row inference path (bmm over row blocks) gives F.linear's result; training never takes it."""
     torch.manual_seed(0)
     layer = kernels.RowBlockLinear(48, 96, bias=bias)
@@ -88,3 +97,41 @@ def test_linear_row_path_equals_f_linear(shape, bias, monkeypatch):
 def test_row_blocks_divide_the_weight(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert kernels.row_blocks(96) == 4 and kernels.row_blocks(66) == 2 and kernels.row_blocks(65) == 1
+
+
+def test_where_the_row_path_measured_slower_f_linear_runs(monkeypatch):
+    monkeypatch.setattr(kernels, "row_path_wins", lambda threads: False)
+    monkeypatch.setattr(kernels, "rows_times_weight", lambda *a: pytest.fail("the row path ran"))
+    layer = kernels.RowBlockLinear(48, 96)
+    x = torch.randn(1, 1, 48)
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_the_row_path_is_chosen_once_per_machine_and_thread_count(monkeypatch):
+    timings = [(1.0, 0.5), (1.0, 0.95), (1.0, 0.5)]  # each probe's seconds: F.linear's, the row path's
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return timings[len(calls) - 1]
+
+    monkeypatch.setattr(kernels, "probe_row_path", probe)
+    kernels.row_path_wins.cache_clear()
+    try:
+        assert kernels.row_path_wins(2) is True and len(calls) == 1  # 2x faster: chosen
+        kernels.row_path_wins.cache_clear()  # a new process: read from the cache directory, not measured
+        assert kernels.row_path_wins(2) is True and len(calls) == 1
+        assert kernels.row_path_wins(3) is False and len(calls) == 2  # another thread count; 5% is not clearly faster
+        choices = choices_file(kernels.ROW_PATH_CHOICES)
+        assert sorted(entry["speed"] for entry in json.loads(choices.read_text()).values()) == [1.053, 2.0]
+        choices.write_text("{not json")  # a damaged file is measured again, not an error
+        kernels.row_path_wins.cache_clear()
+        assert kernels.row_path_wins(2) is True and len(calls) == 3
+    finally:
+        kernels.row_path_wins.cache_clear()
+
+
+def test_the_probe_times_both_paths():
+    linear_s, row_path_s = kernels.probe_row_path(n_embd=32, layers=1, rounds=2)
+    assert linear_s > 0 and row_path_s > 0

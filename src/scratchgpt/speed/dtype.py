@@ -8,7 +8,7 @@ faster on an AMD EPYC: BENCHMARKS.md). So:
 1. no native bf16 instructions in the CPU's flags (`avx512_bf16` or `amx_bf16`): float32;
 2. otherwise a short probe times the run's own model and batch, forward and backward, in both
    dtypes, alternating, and bf16 wins only at or under `CLEARLY_FASTER` of float32's time;
-3. the decision is cached under the cache directory, keyed by the CPU's model and flags, the
+3. the decision is cached under the cache directory (choices.py), keyed by the CPU's model and flags, the
    torch version, the model's shape, the batch and the thread count, so that a 30-second run
    pays for the probe once per machine.
 
@@ -17,8 +17,6 @@ The probe leaves the model, its gradients and every random generator as it found
 
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -29,8 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..device import autocast_dtype
-from ..files import atomic_write_bytes
-from ..text import cache_dir
+from .choices import cached_choice, choice_key, choices_file
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CLEARLY_FASTER = 0.9  # bf16's step time must be at most this share of float32's
@@ -105,21 +102,15 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, fl
 def _key(cpu: str, flags: frozenset[str], model: nn.Module, x: torch.Tensor) -> str:
     config = getattr(model, "config", None)
     shape = {k: v for k, v in asdict(config).items() if k != "dropout"} if config is not None else type(model).__name__
-    described = {"cpu": cpu, "flags": sorted(flags), "torch": torch.__version__, "model": shape,
-                 "batch": list(x.shape), "threads": torch.get_num_threads()}
-    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return choice_key({"cpu": cpu, "flags": sorted(flags), "torch": torch.__version__, "model": shape,
+                       "batch": list(x.shape), "threads": torch.get_num_threads()})
+
+
+CHOICES = "dtype-choices.json"
 
 
 def cache_file() -> Path:
-    return cache_dir() / "dtype-choices.json"
-
-
-def _read_cache() -> dict:
-    try:
-        data = json.loads(cache_file().read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
+    return choices_file(CHOICES)
 
 
 def auto_cpu_dtype(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: tuple[str, frozenset[str]] | None = None
@@ -128,19 +119,13 @@ def auto_cpu_dtype(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: tup
     cpu, flags = info or cpu_info()
     if not has_native_bf16(flags):
         return None, "float32: this CPU has no native bf16 instructions (no avx512_bf16 or amx_bf16 flag)"
-    key = _key(cpu, flags, model, x)
-    cached = _read_cache()
-    entry = cached.get(key)
-    measured_now = not (isinstance(entry, dict) and entry.get("dtype") in ("float32", "bfloat16"))
-    if measured_now:
+
+    def measure() -> dict:
         float32_s, bfloat16_s = probe(model, x, y)
-        entry = {"dtype": choose(float32_s, bfloat16_s), "speed": round(float32_s / bfloat16_s, 3), "cpu": cpu}
-        cached[key] = entry
-        try:
-            cache_file().parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(cache_file(), json.dumps(cached, indent=1).encode())
-        except OSError:
-            pass  # a read-only cache: the next run measures again
+        return {"dtype": choose(float32_s, bfloat16_s), "speed": round(float32_s / bfloat16_s, 3), "cpu": cpu}
+
+    valid = lambda entry: isinstance(entry, dict) and entry.get("dtype") in ("float32", "bfloat16")  # noqa: E731
+    entry, measured_now = cached_choice(CHOICES, _key(cpu, flags, model, x), valid, measure)
     how = "measured just now" if measured_now else f"measured earlier on this machine, cached in {cache_file()}"
     reason = f"{entry['dtype']}: bf16 runs this model at {entry['speed']:.2f}x float32's speed here ({how})"
     return (torch.bfloat16 if entry["dtype"] == "bfloat16" else None), reason
