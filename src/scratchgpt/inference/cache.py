@@ -73,7 +73,7 @@ class KVCache:
 
     def span_positions(self, span: int) -> torch.Tensor:
         """Positions 0..span-1 (span,): a compiled decoding step's input whose size is its span, one view per span,
-        made once (a slice is a tensor operation, and each one costs a small model's token microseconds)."""
+        made once (a slice is a tensor operation, microseconds a token)."""
         if span not in self._spans:
             self._spans[span] = self.key_positions[:span]
         return self._spans[span]
