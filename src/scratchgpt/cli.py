@@ -596,6 +596,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _converse(model, tokenizer, opening, settings) -> None:
     """Read a line, print the reply as it comes, keep the history; until EOFError or KeyboardInterrupt."""
+    import torch
+
     from .chat.talk import stream_reply
     from .chat.template import Message
 
@@ -621,11 +623,12 @@ def _converse(model, tokenizer, opening, settings) -> None:
             continue
         sys.stdout.write("model> ")
         reply = []
-        for chunks in steps:
-            for chunk in chunks:
-                reply.append(chunk.text)
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+        with torch.inference_mode():  # held for the whole reply, so that no step enters it again (engine.py)
+            for chunks in steps:
+                for chunk in chunks:
+                    reply.append(chunk.text)
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
         sys.stdout.write("\n")
         history.append(Message("assistant", "".join(reply)))
         if settings.seed is not None:  # the next reply draws on, rather than repeating this one's draws
