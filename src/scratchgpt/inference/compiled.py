@@ -4,15 +4,15 @@ kept on disk.
 
 Eager PyTorch runs a decoding step as hundreds of small operations, each dispatched from Python
 (views, reshapes, a mask, a write into the cache, dropouts that do nothing at inference); at
-the sizes scratchgpt trains, that overhead costs more than the arithmetic. The step's shapes
-never change (the cache is preallocated, positions are tensors, every row takes part), so
-`torch.export` can trace it once and AOTInductor can compile it into a shared library: no
-Python, no guards and no graph checks between one token and the next. A prefill (a new prompt,
-or the window after a jump) is exported with its length left free, for one row.
+the sizes scratchgpt trains, that overhead costs more than the arithmetic. The cache is
+preallocated and positions are tensors, so `torch.export` can trace the step once, with the
+rows and the span it attends over left free, and AOTInductor can compile it into a shared
+library: no Python, no guards and no graph checks between one token and the next. A prefill (a
+new prompt, or the window after a jump) is exported with its length left free, for one row.
 
 Each package takes the cache's tensors and the model's weights as inputs (the cache's are
 updated in place), so one package serves every checkpoint of a shape, and weights changed in
-place are the ones used. It is keyed by the pass, the model's config, the rows, the dtype, the
+place are the ones used. It is keyed by the pass, the model's config, the dtype, the CPU, the
 torch version and the source of the files that define it, and kept under the cache directory
 (`decode-steps/`): the first use compiles (tens of seconds on a laptop), later processes load
 it in a fraction of a second. So it is a choice: `Engine(model, compile=True)`,

@@ -89,7 +89,8 @@ def probe_row_path(n_embd: int = 384, layers: int = 6, rounds: int = 7) -> tuple
     """Median seconds to multiply one row by `layers` GPT blocks' matrices at width `n_embd` (at the defaults
     shakespeare-char's, 42 MB of float32, read from memory as a model's weights are): F.linear, then the row path."""
     c = n_embd
-    weights = [(torch.full((o, i), 0.01), torch.zeros(o)) for o, i in ((3 * c, c), (c, c), (4 * c, c), (c, 4 * c))] * layers
+    shapes = [(3 * c, c), (c, c), (4 * c, c), (c, 4 * c)] * layers
+    weights = [(torch.full(shape, 0.01), torch.zeros(shape[0])) for shape in shapes]  # each its own memory
     rows = {c: torch.ones(1, c), 4 * c: torch.ones(1, 4 * c)}
 
     def linear() -> None:
